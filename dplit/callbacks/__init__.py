@@ -1,0 +1,5 @@
+"""Lightning callbacks: thin adapters over dplit's privacy core and metrics."""
+
+from dplit.callbacks.privacy import DifferentialPrivacy
+
+__all__ = ["DifferentialPrivacy"]

@@ -1,0 +1,377 @@
+"""DifferentialPrivacy: makes any dplit task private (DP-SGD / DP-Adam) through public Lightning hooks only."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
+
+from dplit.privacy import engine
+from dplit.privacy.accounting import PrivacyAccountant, calibrate_noise_multiplier
+from dplit.privacy.compat import check_model, replace_batchnorm
+from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
+
+log = logging.getLogger(__name__)
+
+
+class DifferentialPrivacy(Callback):
+    """Per-sample clipping + Gaussian noise + Poisson sampling + accounting, without the task knowing.
+
+    In ``setup`` the model is checked (BatchNorm, unsupported layers, gradient accumulation); in ``on_fit_start``
+    (the one hook where optimizers exist and the train loader is not yet built) the optimizer is wrapped, the
+    train loader's sampling replaced and the accountant started or resumed. ``privacy/epsilon``,
+    ``privacy/noise_multiplier``, ``privacy/sample_rate`` and ``privacy/steps`` are logged on every step, and
+    training stops before a step would exceed ``target_epsilon`` / ``max_epsilon``. See ``PrivacyConfig`` for
+    the meaning of each argument.
+
+    Args:
+        replace_batchnorm: replace BatchNorm layers by GroupNorm before training instead of refusing the model.
+    """
+
+    def __init__(
+        self,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        max_epsilon: float | None = None,
+        max_grad_norm: float = 1.0,
+        delta: float = 1e-5,
+        accountant: AccountantName = "rdp",
+        clipping: ClippingMode = "flat",
+        grad_sample_mode: GradSampleMode = "hooks",
+        poisson_sampling: bool = True,
+        max_physical_batch_size: int | None = None,
+        secure_mode: bool = False,
+        seed: int | None = None,
+        replace_batchnorm: bool = False,
+    ) -> None:
+        self.config = PrivacyConfig(
+            noise_multiplier=noise_multiplier,
+            target_epsilon=target_epsilon,
+            max_epsilon=max_epsilon,
+            max_grad_norm=max_grad_norm,
+            delta=delta,
+            accountant=accountant,
+            clipping=clipping,
+            grad_sample_mode=grad_sample_mode,
+            poisson_sampling=poisson_sampling,
+            max_physical_batch_size=max_physical_batch_size,
+            secure_mode=secure_mode,
+            seed=seed,
+        )
+        self.replace_batchnorm = replace_batchnorm
+        self.accountant: PrivacyAccountant | None = None
+        self.noise_multiplier: float | None = None
+        self.plan: engine.SamplingPlan | None = None
+        self.optimizer: Any = None
+        self._restored: dict[str, Any] | None = None
+        self._fingerprint: str | None = None
+        self._hooks: Any = None
+        self._source: Any = None
+        self._original_criterion: Any = None
+        self._loader: Any = None
+        self._sampler_rng: torch.Generator | None = None
+        self._noise_rng: torch.Generator | None = None
+        self._dp_criterion_calls = 0
+        self._world_size = 1
+
+    # ---------------------------------------------------------------- setup: fail loudly and early
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.accumulate_grad_batches != 1:
+            raise PrivacyConfigError(
+                f"`trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}` breaks DP: Lightning divides "
+                "the loss before clipping (effective clip k*C) and the accountant would see the wrong sampling "
+                "rate. Use a larger `data.batch_size` (the logical batch) with "
+                "`max_physical_batch_size` on DifferentialPrivacy (virtual steps) instead."
+            )
+        if not pl_module.automatic_optimization:
+            raise PrivacyConfigError("DifferentialPrivacy supports automatic optimization only.")
+        if self.replace_batchnorm:
+            replaced = replace_batchnorm(pl_module)
+            if replaced:
+                log.warning("DifferentialPrivacy replaced BatchNorm by GroupNorm in: %s", ", ".join(replaced))
+        check_model(pl_module, self.config.grad_sample_mode)
+        if self.config.grad_sample_mode == "ghost" and not isinstance(
+            getattr(pl_module, "criterion", None), torch.nn.Module
+        ):
+            raise PrivacyConfigError(
+                "`grad_sample_mode: ghost` needs the task to compute its training loss through `self.criterion` "
+                f"(an nn.Module); {type(pl_module).__name__} has none."
+            )
+
+    # ---------------------------------------------------------------- on_fit_start: swap in the private pieces
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        optimizers = trainer.optimizers
+        if len(optimizers) != 1:
+            raise PrivacyConfigError(
+                f"DifferentialPrivacy wraps exactly one optimizer; {type(pl_module).__name__}.configure_optimizers "
+                f"returned {len(optimizers)}. Use one optimizer with parameter groups instead."
+            )
+        self._source = self._loader_source(trainer, pl_module)
+        original_loader_fn = self._source.train_dataloader
+        self.plan = engine.plan_sampling(original_loader_fn())
+        cfg, plan, world_size = self.config, self.plan, trainer.world_size
+        self._world_size = world_size
+        if cfg.delta >= 1 / plan.dataset_size:
+            warnings.warn(
+                f"`delta={cfg.delta}` is not below 1/N = {1 / plan.dataset_size:.3g} (N={plan.dataset_size}): a "
+                "mechanism that publishes one random example outright satisfies such a guarantee. Use a smaller delta.",
+                stacklevel=2,
+            )
+        self.noise_multiplier = self._resolve_noise(trainer, plan)
+        self._fingerprint = cfg.fingerprint(
+            noise_multiplier=self.noise_multiplier, sample_rate=plan.sample_rate, dataset_size=plan.dataset_size
+        )
+        self.accountant = PrivacyAccountant(
+            cfg.accountant, poisson=cfg.poisson_sampling, steps_per_epoch=plan.steps_per_epoch
+        )
+        self._restore(trainer)
+        budget = cfg.budget
+        if budget is not None and self.accountant.steps == 0:
+            first = self.accountant.epsilon_after(1, self.noise_multiplier, plan.sample_rate, cfg.delta)
+            if first > budget:
+                raise PrivacyConfigError(
+                    f"A single step already spends epsilon={first:.3g} > budget {budget} (`max_epsilon`). Raise the "
+                    "budget or `noise_multiplier`."
+                )
+
+        self._hooks = engine.attach_hooks(pl_module, cfg)
+        self.optimizer = engine.make_optimizer(
+            optimizers[0],
+            cfg,
+            noise_multiplier=self.noise_multiplier,
+            plan=plan,
+            world_size=world_size,
+            generator=self._noise_rng,
+        )
+        self.optimizer.attach_step_hook(self._on_dp_step)
+        trainer.optimizers = [self.optimizer]  # schedulers keep working: DP optimizers share param_groups
+        if cfg.grad_sample_mode == "ghost":
+            self._original_criterion = pl_module.criterion
+            delattr(pl_module, "criterion")
+            dp_criterion = engine.make_criterion(self._original_criterion, self._hooks, self.optimizer)
+
+            def counted_criterion(*args: Any, **kwargs: Any) -> Any:
+                self._dp_criterion_calls += 1
+                return dp_criterion(*args, **kwargs)
+
+            pl_module.criterion = counted_criterion
+
+        def private_train_dataloader() -> torch.utils.data.DataLoader:
+            loader = engine.make_loader(
+                original_loader_fn(),
+                cfg,
+                plan=plan,
+                optimizer=self.optimizer,
+                world_size=world_size,
+                generator=self._sampler_rng,
+            )
+            loader._dplit_private = True  # type: ignore[attr-defined]
+            self._loader = loader
+            return loader
+
+        self._source.train_dataloader = private_train_dataloader
+        self._original_loader_fn = original_loader_fn
+        log.info(
+            "DP on: sigma=%.4g C=%g q=%.5g (B=%d, N=%d), %s accountant, delta=%g",
+            self.noise_multiplier,
+            cfg.max_grad_norm,
+            plan.sample_rate,
+            plan.batch_size,
+            plan.dataset_size,
+            cfg.accountant,
+            cfg.delta,
+        )
+
+    def _loader_source(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and is_overridden("train_dataloader", datamodule):
+            return datamodule
+        if is_overridden("train_dataloader", pl_module):
+            return pl_module
+        raise PrivacyConfigError(
+            "DifferentialPrivacy must replace the train loader's sampling, which Lightning allows only for loaders "
+            "built by a LightningDataModule (or the module's `train_dataloader`). Pass `datamodule=...` to "
+            "`trainer.fit` instead of `train_dataloaders=...`."
+        )
+
+    def _resolve_noise(self, trainer: L.Trainer, plan: engine.SamplingPlan) -> float:
+        cfg = self.config
+        if cfg.noise_multiplier is not None:
+            return cfg.noise_multiplier
+        assert cfg.target_epsilon is not None
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            planned = trainer.max_steps
+        elif trainer.max_epochs is not None and trainer.max_epochs > 0:
+            planned = trainer.max_epochs * plan.steps_per_epoch
+        else:
+            raise PrivacyConfigError(
+                "`target_epsilon` is calibrated over the planned number of steps: set `trainer.max_epochs` or "
+                "`trainer.max_steps`, or give `noise_multiplier` instead."
+            )
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=cfg.target_epsilon,
+            sample_rate=plan.sample_rate,
+            steps=planned,
+            delta=cfg.delta,
+            accountant=cfg.accountant,
+        )
+        log.info("Calibrated noise_multiplier=%.4f for epsilon=%g over %d steps", sigma, cfg.target_epsilon, planned)
+        return sigma
+
+    def _restore(self, trainer: L.Trainer) -> None:
+        assert self.accountant is not None
+        seed = self.config.seed if self.config.seed is not None else torch.initial_seed() % 2**31
+        rank = trainer.global_rank
+        if self.config.secure_mode:
+            self._sampler_rng = self._noise_rng = engine.secure_generator()
+        else:
+            self._sampler_rng = torch.Generator().manual_seed(seed + 1_000_003 * rank)
+            self._noise_rng = torch.Generator().manual_seed(seed + 7_919 + 1_000_003 * rank)
+        state = self._restored
+        if state is None:
+            return
+        if state["fingerprint"] != self._fingerprint:
+            raise PrivacyConfigError(
+                "The checkpoint was trained with a different privacy configuration (noise_multiplier "
+                f"{state['noise_multiplier']:.4g} vs {self.noise_multiplier:.4g}, "
+                f"sample rate {state['sample_rate']:.4g} "
+                f"vs {self.plan.sample_rate if self.plan else float('nan'):.4g}, or clip/delta/accountant/sampling/"
+                "dataset size changed). Resuming would make the accountant wrong: resume with the original settings, "
+                "or start a new run without `ckpt_path`."
+            )
+        self.accountant.load_state_dict(state["accountant"])
+        if not self.config.secure_mode:
+            assert self._sampler_rng is not None and self._noise_rng is not None
+            if state.get("world_size") == 1 and trainer.world_size == 1 and state.get("sampler_rng") is not None:
+                self._sampler_rng.set_state(state["sampler_rng"])
+                self._noise_rng.set_state(state["noise_rng"])
+            else:
+                # Only rank 0's generators are in the checkpoint; giving them to every rank would correlate the
+                # ranks' Poisson draws. Reseed per rank from (seed, rank, step) instead.
+                offset = 7_777_777 * self.accountant.steps
+                self._sampler_rng.manual_seed(seed + 1_000_003 * rank + offset)
+                self._noise_rng.manual_seed(seed + 7_919 + 1_000_003 * rank + offset)
+        log.info(
+            "Resumed privacy accountant at step %d (epsilon=%.4g)",
+            self.accountant.steps,
+            self.accountant.epsilon(self.config.delta),
+        )
+
+    # ---------------------------------------------------------------- per step: guard, account, log, stop
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not getattr(trainer.train_dataloader, "_dplit_private", False):
+            raise RuntimeError(
+                "DifferentialPrivacy: the train loader in use is not the private one, so sampling would not match "
+                "the accountant. Use a LightningDataModule, and `trainer.use_distributed_sampler: false` under DDP."
+            )
+
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self.config.grad_sample_mode == "ghost":
+            if self._dp_criterion_calls == 0:
+                raise RuntimeError(
+                    "DifferentialPrivacy (ghost clipping): the training loss was not computed through "
+                    "`self.criterion`, so gradients were not clipped. Compute the loss with `self.criterion(...)`."
+                )
+            self._dp_criterion_calls = 0
+            return
+        missing = [i for i, p in enumerate(self.optimizer.params) if getattr(p, "grad_sample", None) is None]
+        if missing:
+            raise RuntimeError(
+                f"DifferentialPrivacy: {len(missing)} parameters have no per-sample gradients before the optimizer "
+                "step (the forward pass bypassed the hooked module), so the step would not be private."
+            )
+
+    def _on_dp_step(self, optimizer: Any) -> None:
+        assert self.accountant is not None and self.plan is not None and self.noise_multiplier is not None
+        self.accountant.step(self.noise_multiplier, self.plan.sample_rate)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._log(pl_module, on_step=True)
+        budget = self.config.budget
+        if budget is None or trainer.should_stop:
+            return
+        assert self.accountant is not None and self.plan is not None and self.noise_multiplier is not None
+        stop = (
+            self.accountant.epsilon_after(1, self.noise_multiplier, self.plan.sample_rate, self.config.delta) > budget
+        )
+        if trainer.world_size > 1:
+            stop = trainer.strategy.broadcast(stop, src=0)
+        if stop:
+            log.warning(
+                "Privacy budget reached: epsilon=%.4f after %d steps; the next step would exceed %g. Stopping.",
+                self.epsilon,
+                self.accountant.steps,
+                budget,
+            )
+            trainer.should_stop = True
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.log("privacy/epsilon_epoch", self.epsilon, on_step=False, on_epoch=True, sync_dist=False)
+
+    def _log(self, pl_module: L.LightningModule, on_step: bool) -> None:
+        assert self.accountant is not None and self.plan is not None
+        metrics = {
+            "privacy/epsilon": self.epsilon,
+            "privacy/noise_multiplier": float(self.noise_multiplier or 0.0),
+            "privacy/sample_rate": self.plan.sample_rate,
+            "privacy/steps": float(self.accountant.steps),
+        }
+        pl_module.log_dict(metrics, on_step=on_step, on_epoch=False, prog_bar=False, sync_dist=False)
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far at ``delta`` (0 before the first step)."""
+        return 0.0 if self.accountant is None else self.accountant.epsilon(self.config.delta)
+
+    # ---------------------------------------------------------------- teardown and checkpoint state
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._hooks is None:
+            return
+        self._hooks.remove_hooks()
+        self._hooks = None
+        if self._original_criterion is not None:
+            delattr(pl_module, "criterion")
+            pl_module.criterion = self._original_criterion
+            self._original_criterion = None
+        if self._source is not None:
+            del self._source.train_dataloader  # back to the class method
+            self._source = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.accountant is None:
+            return {} if self._restored is None else dict(self._restored)
+        state: dict[str, Any] = {
+            "accountant": self.accountant.state_dict(),
+            "fingerprint": self._fingerprint,
+            "noise_multiplier": float(self.noise_multiplier or 0.0),
+            "sample_rate": self.plan.sample_rate if self.plan else 0.0,
+            "epsilon": self.epsilon,
+            "delta": self.config.delta,
+        }
+        if self._sampler_rng is not None and not self.config.secure_mode:
+            state["sampler_rng"] = self._sampler_rng.get_state()
+            state["noise_rng"] = self._noise_rng.get_state() if self._noise_rng is not None else None
+            state["world_size"] = self._world_size
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict) if state_dict else None

@@ -1,0 +1,56 @@
+"""``dplit`` command line: LightningCLI subcommands (fit/validate/test/predict) plus ``dplit epsilon``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+
+# jsonargparse 4.x warns about APIs Lightning's cli.py still uses (removal planned for jsonargparse 5, pinned <5).
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jsonargparse.*")
+warnings.filterwarnings("ignore", message=r".*LightningCLI.*jsonargparse.*")
+
+EXTRA_COMMANDS = {
+    "epsilon": "Privacy calculator: epsilon for a DP-SGD configuration, or the noise for a target epsilon.",
+}
+
+
+class DplitCLI(LightningCLI):
+    """LightningCLI with dplit defaults: seeded runs, any LightningModule/DataModule by ``class_path``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        super().__init__(*args, **kwargs)
+
+
+def _usage_extra() -> str:
+    lines = ["", "Other commands:"] + [f"  {name:<10} {text}" for name, text in EXTRA_COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dplit`` console script."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "epsilon":
+        from dplit.epsilon import main as epsilon_main
+
+        return epsilon_main(args[1:])
+    if not args or args[0] in ("-h", "--help"):
+        os.environ.setdefault("COLUMNS", "120")
+    try:
+        DplitCLI(args=args)
+    except SystemExit as exc:
+        if not args or args[0] in ("-h", "--help"):
+            print(_usage_extra())
+        return int(exc.code or 0) if isinstance(exc.code, int) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The small MNIST CNN used by Bagdasaryan & Shmatikov 2019 (the older PyTorch MNIST example)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MnistCNN(nn.Module):
+    """Two 5x5 conv layers with max-pooling, then two linear layers; 431,080 parameters for 10 classes.
+
+    Conv2d(in, 20, 5) -> ReLU -> MaxPool(2) -> Conv2d(20, 50, 5) -> ReLU -> MaxPool(2) -> Linear(800, 500) -> ReLU
+    -> Linear(500, num_classes). No normalisation layers, so it is DP-compatible as is. Expects 28x28 inputs.
+
+    Args:
+        in_channels: Input channels (1 for MNIST).
+        num_classes: Number of output logits.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 20, kernel_size=5, stride=1)
+        self.conv2 = nn.Conv2d(20, 50, kernel_size=5, stride=1)
+        self.fc1 = nn.Linear(4 * 4 * 50, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Maps images [B, in_channels, 28, 28] to logits [B, num_classes]."""
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # [B, 20, 12, 12]
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # [B, 50, 4, 4]
+        x = F.relu(self.fc1(x.flatten(1)))  # [B, 500]
+        return self.fc2(x)

@@ -1,0 +1,5 @@
+"""LightningModules, one per task family. No DP code in here, ever."""
+
+from dplit.tasks.classification import ClassificationTask
+
+__all__ = ["ClassificationTask"]

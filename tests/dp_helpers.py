@@ -1,0 +1,55 @@
+"""Tiny grouped task + datamodule for privacy tests (synthetic, linearly separable, two groups of unequal size)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dplit.data.base import GroupedTensorDataset
+from dplit.tasks.classification import ClassificationTask
+
+
+class TinyData(L.LightningDataModule):
+    """N examples of dim ``dim`` with 2 classes; group 1 is the first 20% (minority)."""
+
+    def __init__(self, n: int = 200, dim: int = 20, batch_size: int = 20, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(dim, generator=g)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = (self.x @ w > 0).long()
+        self.group = (torch.arange(n) < n // 5).long()
+        self.batch_size = batch_size
+        self.group_names = ["majority", "minority"]
+        self.num_classes = 2
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(GroupedTensorDataset(self.x, self.y, self.group), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(GroupedTensorDataset(self.x, self.y, self.group), batch_size=100)
+
+
+def tiny_task(dim: int = 20, hidden: int = 32, lr: float = 0.5, **kwargs) -> ClassificationTask:
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    return ClassificationTask(backbone, lr=lr, **kwargs)
+
+
+def trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+        default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **defaults)
