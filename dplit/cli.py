@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         os.environ.setdefault("COLUMNS", "120")
     try:
-        DplitCLI(args=args)
+        DplitCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except SystemExit as exc:
         if not args or args[0] in ("-h", "--help"):
             print(_usage_extra())

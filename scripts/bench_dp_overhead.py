@@ -93,6 +93,7 @@ class StepTimer:
     def __init__(self, warmup: int, steps: int, profile: bool = False) -> None:
         self.warmup, self.steps = warmup, steps
         self.starts: list[float] = []
+        self.cpu: list[float] = []  # process CPU time (all threads): separates slow code from a busy machine
         self.ends: list[float] = []
         self.sizes: list[int] = []
         self.peak = PeakRSS()
@@ -113,6 +114,7 @@ class StepTimer:
             self.profiler.enable()
         if self.profiler is not None and i == self.warmup + self.steps:
             self.profiler.disable()
+        self.cpu.append(time.process_time())
         self.starts.append(time.perf_counter())
         self.sizes.append(n)
 
@@ -128,6 +130,7 @@ class StepTimer:
         timed = range(w, w + s)
         return {
             "window_s": self.starts[w + s] - self.starts[w],
+            "cpu_s": self.cpu[w + s] - self.cpu[w],
             "instep_s": sum(self.ends[i] - self.starts[i] for i in timed),
             "examples": sum(self.sizes[i] for i in timed),
             "max_batch": max(self.sizes[: w + s]),
@@ -316,20 +319,24 @@ def main() -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
     for r in range(args.repeats):
         order = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]  # rotate: no config always runs first
         for config in order:
-            runs[config].append(_spawn(args, config, memory=False))
+            runs[config].append(_spawn(args, config, memory=args.quick))
             print(f"# round {r + 1}/{args.repeats} {config}: {runs[config][-1]['window_s']:.2f}s", file=sys.stderr)
-    memory = {c: _spawn(args, c, memory=True) for c in CONFIGS}
+    # --quick: one run each, timed with the memory setting (a smoke test, not a timing); else separate memory runs
+    memory = {c: runs[c][0] if args.quick else _spawn(args, c, memory=True) for c in CONFIGS}
 
     def med(config: str, key: str, per: str | None = None) -> float:
         return statistics.median(run[key] / (run[per] if per else 1) for run in runs[config])
 
     us_ex = {c: 1e6 * med(c, "window_s", "examples") for c in CONFIGS}
     us_ex_in = {c: 1e6 * med(c, "instep_s", "examples") for c in CONFIGS}
+    cpu_ex = {c: 1e6 * med(c, "cpu_s", "examples") for c in CONFIGS}
+    per_ex = {c: [run["window_s"] / run["examples"] for run in runs[c]] for c in CONFIGS}
+    spread = {c: (max(v) - min(v)) / statistics.median(v) for c, v in per_ex.items()}  # noise across repeats
     ms_step = {c: 1e3 * med(c, "window_s") / args.steps for c in CONFIGS}
     mean_b = {c: statistics.mean(run["examples"] / args.steps for run in runs[c]) for c in CONFIGS}
     peak = {c: memory[c]["peak_mb"] for c in CONFIGS}
@@ -342,20 +349,28 @@ def _bench(args: argparse.Namespace) -> None:
         f"lightning {info['lightning']}"
     )
     print("ratios are on window time PER EXAMPLE (Poisson batch sizes vary; dp_ghost/dp_hooks share a sampler seed)")
-    head = ("config", "steps/s", "ms/step", "mean B", "us/ex", "us/ex in-step", "x nodp", "peak MB", "peak MB*")
-    print("{:<10} {:>8} {:>9} {:>7} {:>8} {:>13} {:>7} {:>8} {:>9}".format(*head))
+    head = ("config", "steps/s", "ms/step", "mean B", "us/ex", "spread", "in-step", "cpu us/ex", "x nodp", "peak MB")
+    print("{:<10} {:>8} {:>8} {:>7} {:>8} {:>7} {:>8} {:>9} {:>7} {:>8} {:>9}".format(*head, "peak MB*"))
     for c in CONFIGS:
         print(
-            f"{c:<10} {1e3 / ms_step[c]:>8.2f} {ms_step[c]:>9.1f} {mean_b[c]:>7.1f} {us_ex[c]:>8.1f} "
-            f"{us_ex_in[c]:>13.1f} {us_ex[c] / us_ex['nodp']:>7.2f} {peak[c]:>8.1f} {peak_default[c]:>9.1f}"
+            f"{c:<10} {1e3 / ms_step[c]:>8.2f} {ms_step[c]:>8.1f} {mean_b[c]:>7.1f} {us_ex[c]:>8.1f} "
+            f"{spread[c]:>7.0%} {us_ex_in[c]:>8.1f} {cpu_ex[c]:>9.1f} {us_ex[c] / us_ex['nodp']:>7.2f} "
+            f"{peak[c]:>8.1f} {peak_default[c]:>9.1f}"
         )
+    print(
+        "us/ex: median window time per example; spread: (max-min)/median over repeats; in-step: us/ex inside the "
+        "steps only (no data loading / bookkeeping between steps); cpu us/ex: process CPU time (all threads)"
+    )
     print(
         f"peak MB: training peak RSS above post-setup RSS ({memory['nodp']['peak_method']}), fixed mmap threshold, "
         f"one run each (max Poisson batch: ghost {memory['dp_ghost']['max_batch']}, nodp "
         f"{memory['nodp']['max_batch']}); peak MB*: same, default malloc, median of the timing runs"
     )
-    total = time.perf_counter() - t0
-    print(f"total wall time {total:.0f}s")
+    total, load1 = time.perf_counter() - t0, os.getloadavg()[0]
+    print(
+        f"total wall time {total:.0f}s; 1-min load average {load0:.2f} at start, {load1:.2f} at end, "
+        f"{os.cpu_count()} CPUs"
+    )
     result = {
         "dp_ghost_over_nondp": us_ex["dp_ghost"] / us_ex["nodp"],
         "dp_hooks_over_nondp": us_ex["dp_hooks"] / us_ex["nodp"],
@@ -365,6 +380,10 @@ def _bench(args: argparse.Namespace) -> None:
         "lightning_nodp_over_raw_nodp": us_ex["nodp"] / us_ex["raw_nodp"],
         "raw_ghost_over_raw_nodp": us_ex["raw_ghost"] / us_ex["raw_nodp"],
         "dplit_over_raw_opacus_instep": us_ex_in["dp_ghost"] / us_ex_in["raw_ghost"],
+        "dplit_over_raw_opacus_cpu": cpu_ex["dp_ghost"] / cpu_ex["raw_ghost"],
+        "dp_ghost_over_nondp_cpu": cpu_ex["dp_ghost"] / cpu_ex["nodp"],
+        "max_spread": max(spread.values()),
+        "loadavg_start_end": [round(load0, 2), round(load1, 2)],
         "dp_hooks_mem_over_nondp": peak["dp_hooks"] / peak["nodp"],
         "ratio_basis": "median window time per example",
         "steps_per_s": {c: round(1e3 / ms_step[c], 3) for c in CONFIGS},

@@ -92,6 +92,10 @@ class DifferentialPrivacy(Callback):
                 "rate. Use a larger `data.batch_size` (the logical batch) with "
                 "`max_physical_batch_size` on DifferentialPrivacy (virtual steps) instead."
             )
+        if sum(isinstance(cb, DifferentialPrivacy) for cb in trainer.callbacks) > 1:  # type: ignore[attr-defined]
+            raise PrivacyConfigError(
+                "More than one DifferentialPrivacy callback is configured (noise would be added twice); keep one."
+            )
         if not pl_module.automatic_optimization:
             raise PrivacyConfigError("DifferentialPrivacy supports automatic optimization only.")
         if self.replace_batchnorm:
@@ -164,7 +168,7 @@ class DifferentialPrivacy(Callback):
                 self._dp_criterion_calls += 1
                 return dp_criterion(*args, **kwargs)
 
-            pl_module.criterion = counted_criterion
+            pl_module.criterion = counted_criterion  # type: ignore[assignment]
 
         def private_train_dataloader() -> torch.utils.data.DataLoader:
             loader = engine.make_loader(
@@ -324,15 +328,26 @@ class DifferentialPrivacy(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.log("privacy/epsilon_epoch", self.epsilon, on_step=False, on_epoch=True, sync_dist=False)
 
-    def _log(self, pl_module: L.LightningModule, on_step: bool) -> None:
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The final spend reaches the loggers even when the last step fell between `log_every_n_steps`.
+        if trainer.is_global_zero and self.accountant is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics(self._metrics(), step=trainer.global_step)
+                logger.save()
+
+    def _metrics(self) -> dict[str, float]:
         assert self.accountant is not None and self.plan is not None
-        metrics = {
+        return {
             "privacy/epsilon": self.epsilon,
+            "privacy/delta": self.config.delta,
             "privacy/noise_multiplier": float(self.noise_multiplier or 0.0),
             "privacy/sample_rate": self.plan.sample_rate,
             "privacy/steps": float(self.accountant.steps),
         }
-        pl_module.log_dict(metrics, on_step=on_step, on_epoch=False, prog_bar=False, sync_dist=False)
+
+    def _log(self, pl_module: L.LightningModule, on_step: bool) -> None:
+        pl_module.log_dict(self._metrics(), on_step=on_step, on_epoch=False, prog_bar=False, sync_dist=False)
 
     @property
     def epsilon(self) -> float:

@@ -7,18 +7,22 @@ The sample rate computed here is the one the loader samples with and the one the
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, get_optimizer_class
-from opacus.utils.batch_memory_manager import wrap_data_loader
+from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from dplit.privacy.config import PrivacyConfig
+
+# Opacus' backward hooks fire on module outputs when the input needs no grad (always, for a first layer): harmless.
+warnings.filterwarnings("ignore", message=r"Full backward hook is firing when gradients are computed with respect")
 
 
 class PrivacyEngineError(ValueError):
@@ -161,8 +165,33 @@ def make_loader(
             persistent_workers=loader.persistent_workers,
         )
     if config.max_physical_batch_size is not None:
-        new = wrap_data_loader(data_loader=new, max_batch_size=config.max_physical_batch_size, optimizer=optimizer)
+        new = DataLoader(
+            new.dataset,
+            batch_sampler=_UnsizedSplittingSampler(
+                sampler=new.batch_sampler,  # type: ignore[arg-type]
+                max_batch_size=config.max_physical_batch_size,
+                optimizer=optimizer,
+            ),
+            collate_fn=new.collate_fn,
+            num_workers=new.num_workers,
+            pin_memory=new.pin_memory,
+            worker_init_fn=new.worker_init_fn,
+            persistent_workers=new.persistent_workers,
+            generator=generator,  # iter() draws its worker base seed from it, as the unsplit loader does
+        )
     return new
+
+
+class _UnsizedSplittingSampler(BatchSplittingSampler):
+    """Opacus' splitting sampler without ``__len__``.
+
+    The number of physical batches in a Poisson epoch is random. Opacus' estimate of it would make Lightning end
+    the epoch after that many batches, possibly inside a logical batch whose clipped gradients would then leak
+    into the next step. Without a length, Lightning runs the sampler to exhaustion.
+    """
+
+    def __len__(self) -> int:
+        raise TypeError("the number of physical batches of a Poisson epoch is random")
 
 
 def secure_generator() -> torch.Generator:

@@ -77,7 +77,7 @@ class ClassificationTask(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp: Any = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         opt: torch.optim.Optimizer
         if hp.optimizer == "sgd":
