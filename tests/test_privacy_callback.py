@@ -190,3 +190,42 @@ def test_target_epsilon_is_reached_within_one_percent(tmp_path):
     t.fit(tiny_task(), datamodule=TinyData())
     assert dp.accountant.steps == 30
     assert 2.0 * 0.99 <= rdp_epsilon(0.1, dp.noise_multiplier, 30, 1e-3) <= 2.0 * 1.0001
+
+
+def test_per_layer_clipping_bounds_each_layer(tmp_path):
+    """per_layer: each parameter tensor's per-sample grad is clipped to C/sqrt(k), so the total stays <= C."""
+    c, lr = 0.05, 0.5
+    probe = Probe()
+    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=c, clipping="per_layer")
+    t, task = fit(tmp_path, dp, probe, task=tiny_task(lr=lr), max_steps=2)
+    shapes = [p.numel() for p in task.parameters()]
+    c_layer = c / math.sqrt(len(shapes))
+    for step in probe.steps:
+        grads = per_example_grads(task, step["before"], step["batch"])
+        parts = torch.split(grads, shapes, dim=1)
+        expected = torch.cat([clipped_sum(g, c_layer) for g in parts]) * lr / dp.plan.batch_size
+        torch.testing.assert_close(step["before"] - step["after"], expected, rtol=1e-3, atol=1e-7)
+
+
+def test_adam_becomes_dp_adam_and_schedulers_keep_working(tmp_path):
+    lrs = []
+
+    class LR(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    dp = DifferentialPrivacy(noise_multiplier=1.0)
+    task = tiny_task(optimizer="adam", lr=0.01, lr_schedule="step", step_size=1)
+    t = trainer(tmp_path, [dp, LR()], max_epochs=3)
+    t.fit(task, datamodule=TinyData())
+    opt = t.optimizers[0]
+    assert isinstance(opt, DPOptimizer) and isinstance(opt.original_optimizer, torch.optim.Adam)
+    assert lrs == pytest.approx([0.01, 0.001, 0.0001])
+    assert dp.accountant.steps == 30
+
+
+def test_secure_mode_without_torchcsprng_says_how_to_fix(tmp_path):
+    dp = DifferentialPrivacy(noise_multiplier=1.0, secure_mode=True)
+    t = trainer(tmp_path, [dp], max_steps=1)
+    with pytest.raises(ValueError, match="torchcsprng"):
+        t.fit(tiny_task(), datamodule=TinyData())
