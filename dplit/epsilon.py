@@ -27,7 +27,12 @@ PROG = "dplit epsilon"
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``dplit epsilon`` argument parser."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Epsilon of DP-SGD from its public settings (like TF Privacy's compute_dp_sgd_privacy), or the "
+        "noise multiplier that reaches --target-epsilon. The last output line is just that number.",
+        epilog=f"example: {PROG} --dataset-size 60000 --batch-size 256 --epochs 60 --noise-multiplier 1.1",
+    )
     parser.add_argument("--dataset-size", type=int, required=True, metavar="N", help="training examples N")
     parser.add_argument("--batch-size", type=int, required=True, metavar="B", help="(expected) batch size B <= N")
     parser.add_argument("--epochs", type=float, required=True, metavar="E", help="epochs (may be fractional)")
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print("sampling: shuffled fixed-size batches (not Poisson): amplification by subsampling is NOT claimed")
         print(
             f"bound: each example is in one batch per epoch, so the run composes {epochs_participated} Gaussian "
-            f"mechanisms with noise multiplier {sigma:.6g} (zero-out adjacency, Kairouz et al. 2021): an upper bound"
+            f"mechanism(s) with noise multiplier {sigma:.6g} (zero-out adjacency, Kairouz et al. 2021): an upper bound"
         )
         print(
             f"for comparison only, if batches were Poisson-sampled: epsilon = {eps_poisson:.4g} "

@@ -229,3 +229,17 @@ def test_secure_mode_without_torchcsprng_says_how_to_fix(tmp_path):
     t = trainer(tmp_path, [dp], max_steps=1)
     with pytest.raises(ValueError, match="torchcsprng"):
         t.fit(tiny_task(), datamodule=TinyData())
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_budget_is_respected_by_every_accountant(tmp_path, accountant):
+    from dplit.privacy.accounting import compute_epsilon
+
+    budget = 1.5
+    dp = DifferentialPrivacy(noise_multiplier=1.0, delta=1e-3, max_epsilon=budget, accountant=accountant)
+    t = trainer(tmp_path, [dp], max_epochs=50)
+    t.fit(tiny_task(), datamodule=TinyData())
+    n = dp.accountant.steps
+    assert 0 < n < 500 and t.should_stop
+    eps = lambda k: compute_epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=k, delta=1e-3, accountant=accountant)  # noqa: E731
+    assert eps(n) <= budget < eps(n + 1)

@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from dplit.privacy import engine
 from dplit.privacy.accounting import PrivacyAccountant, calibrate_noise_multiplier
+from dplit.privacy.budget import steps_within_budget
 from dplit.privacy.compat import check_model, replace_batchnorm
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
 
@@ -79,6 +80,7 @@ class DifferentialPrivacy(Callback):
         self._noise_rng: torch.Generator | None = None
         self._dp_criterion_calls = 0
         self._world_size = 1
+        self._step_limit: int | None = None
 
     # ---------------------------------------------------------------- setup: fail loudly and early
     @override
@@ -140,13 +142,23 @@ class DifferentialPrivacy(Callback):
         )
         self._restore(trainer)
         budget = cfg.budget
-        if budget is not None and self.accountant.steps == 0:
-            first = self.accountant.epsilon_after(1, self.noise_multiplier, plan.sample_rate, cfg.delta)
-            if first > budget:
+        self._step_limit = None
+        if budget is not None:
+            more = steps_within_budget(
+                self.accountant,
+                noise_multiplier=self.noise_multiplier,
+                sample_rate=plan.sample_rate,
+                delta=cfg.delta,
+                budget=budget,
+            )
+            if more == 0 and self.accountant.steps == 0:
+                first = self.accountant.epsilon_after(1, self.noise_multiplier, plan.sample_rate, cfg.delta)
                 raise PrivacyConfigError(
                     f"A single step already spends epsilon={first:.3g} > budget {budget} (`max_epsilon`). Raise the "
                     "budget or `noise_multiplier`."
                 )
+            self._step_limit = self.accountant.steps + more
+            log.info("Privacy budget epsilon=%g allows %d steps in all (%d more).", budget, self._step_limit, more)
 
         self._hooks = engine.attach_hooks(pl_module, cfg)
         self.optimizer = engine.make_optimizer(
@@ -305,14 +317,16 @@ class DifferentialPrivacy(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._log(pl_module, on_step=True)
-        budget = self.config.budget
-        if budget is None or trainer.should_stop:
+        assert self.accountant is not None
+        # Fresh epsilon on every step for the cheap RDP accountant; PRV/GDP only when loggers would write it.
+        if (
+            self.config.accountant == "rdp"
+            or self.accountant.steps % max(1, getattr(trainer, "log_every_n_steps", 50)) == 0
+        ):
+            self._log(pl_module, on_step=True)
+        if self._step_limit is None or trainer.should_stop:
             return
-        assert self.accountant is not None and self.plan is not None and self.noise_multiplier is not None
-        stop = (
-            self.accountant.epsilon_after(1, self.noise_multiplier, self.plan.sample_rate, self.config.delta) > budget
-        )
+        stop = self.accountant.steps >= self._step_limit
         if trainer.world_size > 1:
             stop = trainer.strategy.broadcast(stop, src=0)
         if stop:
@@ -320,7 +334,7 @@ class DifferentialPrivacy(Callback):
                 "Privacy budget reached: epsilon=%.4f after %d steps; the next step would exceed %g. Stopping.",
                 self.epsilon,
                 self.accountant.steps,
-                budget,
+                self.config.budget,
             )
             trainer.should_stop = True
 

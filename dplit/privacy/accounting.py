@@ -262,7 +262,7 @@ def _epsilon_no_amplification(mechanism: str, history: History, delta: float) ->
 
 
 def _bisect(eps_of: functools.partial[float], target: float, rtol: float, setting: str, advice: str) -> float:
-    """Smallest sigma with target*(1-rtol) <= eps_of(sigma) <= target, by bisection in log(sigma)."""
+    """Smallest sigma with target*(1-rtol) <= eps_of(sigma) <= target: bracketed search, hi always within budget."""
     if not (0 < target < math.inf and 0 < rtol < 1):
         raise ValueError(f"need a positive finite target_epsilon and 0 < rtol < 1, got {target} and {rtol}")
     lo, hi = SIGMA_BOUNDS
