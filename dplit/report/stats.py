@@ -1,0 +1,233 @@
+"""Statistics for the report: Student t quantiles, mean and 95% CI across seeds, Spearman rho, per-group summaries.
+
+Self-contained (``math`` and ``numpy``): the t distribution goes through the regularized incomplete beta function,
+so quantiles are exact for any (also non-integer, Welch) degrees of freedom.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dplit.report.runs import Run, natural_key
+
+CONFIDENCE = 0.95
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta function I_x(a, b) (continued fraction, Numerical Recipes' ``betacf``)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for aa in (
+            m * (b - m) * x / ((a - 1.0 + 2 * m) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 1.0 + 2 * m)),
+        ):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def t_sf(t: float, df: float) -> float:
+    """Survival function P(T > t) of Student's t with ``df`` degrees of freedom."""
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+    return tail if t >= 0 else 1.0 - tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Quantile (inverse CDF) of Student's t: the t with P(T <= t) = p, by bisection on the upper tail."""
+    if not 0.0 < p < 1.0 or not df > 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    tail = 1.0 - p
+    lo, hi = 0.0, 1.0
+    while t_sf(hi, df) > tail:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_sf(mid, df) > tail:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-13 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean over ``n`` seeds and the half-width of its confidence interval (None with a single seed)."""
+
+    mean: float
+    half: float | None
+    n: int
+
+
+def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
+    """Mean and Student t confidence-interval half-width ``t_{(1+c)/2, n-1} * s / sqrt(n)`` (s with n-1)."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise ValueError("mean_ci needs at least one value")
+    if x.size < 2:
+        return Estimate(float(x.mean()), None, 1)
+    sem = float(x.std(ddof=1)) / math.sqrt(x.size)
+    return Estimate(float(x.mean()), t_quantile((1 + confidence) / 2, x.size - 1) * sem, int(x.size))
+
+
+def difference_ci(
+    a: Sequence[float],
+    b: Sequence[float],
+    seeds_a: Sequence[int | None] = (),
+    seeds_b: Sequence[int | None] = (),
+    confidence: float = CONFIDENCE,
+) -> Estimate:
+    """Mean of ``a`` minus mean of ``b`` with a CI: paired by seed when both sides have the same >= 2 distinct seeds,
+    else Welch's interval over the sides with >= 2 values (a side with one value counts as exact)."""
+    if len(a) == len(b) >= 2 and None not in seeds_a and len(set(seeds_a)) == len(a) and set(seeds_a) == set(seeds_b):
+        by_seed = dict(zip(seeds_b, b, strict=True))
+        return mean_ci([x - by_seed[s] for x, s in zip(a, seeds_a, strict=True)], confidence)
+    mean = float(np.mean(a) - np.mean(b))
+    terms = [float(np.var(v, ddof=1)) / len(v) for v in (a, b) if len(v) >= 2]
+    dofs = [len(v) - 1 for v in (a, b) if len(v) >= 2]
+    n = max(len(a), len(b))
+    if not terms:
+        return Estimate(mean, None, n)
+    var = sum(terms)
+    if var == 0.0:
+        return Estimate(mean, 0.0, n)
+    df = var**2 / sum(t**2 / d for t, d in zip(terms, dofs, strict=True))  # Welch-Satterthwaite
+    return Estimate(mean, t_quantile((1 + confidence) / 2, df) * math.sqrt(var), n)
+
+
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """Ranks 1..n, ties sharing the average of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman_rho(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation with average ranks for ties; NaN with < 2 points or a constant variable."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman_rho needs equal lengths, got {len(x)} and {len(y)}")
+    if len(x) < 2:
+        return math.nan
+    rx, ry = np.asarray(average_ranks(x)) - (len(x) + 1) / 2, np.asarray(average_ranks(y)) - (len(x) + 1) / 2
+    denom = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry) / denom if denom > 0 else math.nan
+
+
+def interpret_rho(rho: float) -> str:
+    """One sentence on what a Spearman rho between non-DP group accuracy and privacy cost means."""
+    if math.isnan(rho):
+        return "undefined (fewer than two groups, or all groups have the same accuracy or cost)"
+    strength = "strong" if abs(rho) >= 0.7 else "moderate" if abs(rho) >= 0.4 else "weak"
+    if rho < 0:
+        return (
+            f"{strength} negative: groups with lower non-DP accuracy lose more accuracy under DP "
+            '("the poor get poorer")'
+        )
+    if rho > 0:
+        return f'{strength} positive: groups with higher non-DP accuracy lose more; no "poor get poorer" effect'
+    return "zero: no monotone relation between a group's non-DP accuracy and its privacy cost"
+
+
+@dataclass
+class GroupRow:
+    """One group of one DP setting: accuracies (fractions) across seeds, and the cost = non-DP - DP."""
+
+    group: str
+    count: float | None
+    dp: Estimate
+    nondp: Estimate | None
+    cost: Estimate | None
+
+
+@dataclass
+class Summary:
+    """Per-group comparison of one DP setting (its seeds) with the non-DP baseline (its seeds), if any."""
+
+    label: str
+    epsilon: float | None
+    rows: list[GroupRow]
+    overall: Estimate | None
+    worst_dp: Estimate
+    worst_nondp: Estimate | None
+
+    @property
+    def cost_gap(self) -> float | None:
+        """Max - min mean privacy cost over groups."""
+        costs = [r.cost.mean for r in self.rows if r.cost is not None]
+        return max(costs) - min(costs) if costs else None
+
+    @property
+    def rho(self) -> float | None:
+        """Spearman rho between the mean non-DP accuracy and the mean privacy cost of the groups."""
+        if any(r.nondp is None or r.cost is None for r in self.rows):
+            return None
+        return spearman_rho([r.nondp.mean for r in self.rows], [r.cost.mean for r in self.rows])  # type: ignore[union-attr]
+
+    def extreme_group(self, key: str, highest: bool) -> str:
+        """Name of the group with the highest/lowest mean ``dp``, ``nondp`` or ``cost``."""
+        rows = [r for r in self.rows if getattr(r, key) is not None]
+        pick = max if highest else min
+        return pick(rows, key=lambda r: getattr(r, key).mean).group
+
+
+def summarize(label: str, epsilon: float | None, dp: list[Run], baseline: list[Run], split: str) -> Summary:
+    """Compare one DP setting's runs (seeds) with the baseline runs, group by group, on ``split``."""
+    groups = sorted(dp[0].groups(split), key=natural_key)
+    dp_seeds, base_seeds = [r.seed for r in dp], [r.seed for r in baseline]
+    rows = []
+    for g in groups:
+        dp_acc = [r.group_acc(split)[g] for r in dp]
+        base_acc = [r.group_acc(split)[g] for r in baseline]
+        counts = [c for r in dp + baseline if (c := r.group_count(split).get(g)) is not None]
+        rows.append(
+            GroupRow(
+                group=g,
+                count=float(np.mean(counts)) if counts else None,
+                dp=mean_ci(dp_acc),
+                nondp=mean_ci(base_acc) if baseline else None,
+                cost=difference_ci(base_acc, dp_acc, base_seeds, dp_seeds) if baseline else None,
+            )
+        )
+    overall = [a for r in dp if (a := r.overall_acc(split)) is not None]
+    return Summary(
+        label=label,
+        epsilon=epsilon,
+        rows=rows,
+        overall=mean_ci(overall) if overall else None,
+        worst_dp=mean_ci([min(r.group_acc(split).values()) for r in dp]),
+        worst_nondp=mean_ci([min(r.group_acc(split).values()) for r in baseline]) if baseline else None,
+    )

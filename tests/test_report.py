@@ -1,0 +1,243 @@
+"""``dplit report`` on run folders written in the exact CSVLogger/LightningCLI layout; stats against scipy."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats as sps
+
+from dplit.report.cli import log_to_wandb, main
+from dplit.report.runs import group_settings, load_run, online_wandb_run
+from dplit.report.stats import difference_ci, mean_ci, spearman_rho, t_quantile
+
+MNIST = "dplit.data.ImbalancedMNISTDataModule"
+NONDP = {"a": 0.98, "b": 0.70, "c": 0.90}
+DP = {"a": 0.96, "b": 0.50, "c": 0.85}  # cost: a 2 pp, b 20 pp, c 5 pp -> gap 18 pp, rho -1
+COUNTS = {"a": 500, "b": 50, "c": 200}
+
+
+def write_run(root, acc, *, sigma=None, eps=None, seed=0, test=None, data=MNIST, version=0, groups=True):
+    """A run as `dplit fit` writes it: ROOT/version_N/{metrics.csv,config.yaml}, CSVLogger's sorted header and
+    empty cells; epoch 0 logs worse accuracies than the last epoch (1); optional test/ row at the end."""
+    rows = []
+    for epoch in range(2):
+        step = 10 * epoch + 9
+        train = {"epoch": epoch, "step": step, "train/loss_step": 1.0 / (epoch + 1)}
+        if sigma is not None:
+            train |= {
+                "privacy/epsilon": eps * (epoch + 1) / 2,
+                "privacy/delta": 1e-5,
+                "privacy/noise_multiplier": sigma,
+            }
+        val = {"epoch": epoch, "step": step, "val/acc": float(np.mean(list(acc.values()))) - 0.1 * (1 - epoch)}
+        if groups:
+            for g, a in acc.items():
+                val |= {f"val/acc/group={g}": a - 0.1 * (1 - epoch), f"val/count/group={g}": COUNTS[g]}
+            val |= {f"val/loss/group={g}": 0.5 for g in acc} | {"val/worst_group_acc": min(acc.values())}
+        rows += [train, val]
+    if test is not None:
+        rows.append({"epoch": 1, "step": 19} | {f"test/acc/group={g}": a for g, a in test.items()})
+    out = Path(root) / f"version_{version}"
+    out.mkdir(parents=True)
+    with (out / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=sorted({k for r in rows for k in r}), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    callbacks = [] if sigma is None else [
+        {"class_path": "dplit.callbacks.DifferentialPrivacy",
+         "init_args": {"noise_multiplier": sigma, "target_epsilon": None, "max_grad_norm": 1.0, "delta": 1e-5}}
+    ]  # fmt: skip
+    config = {
+        "seed_everything": seed,
+        "trainer": {"max_epochs": 2, "callbacks": callbacks, "logger": [
+            {"class_path": "dplit.loggers.AutoWandbLogger", "init_args": {"project": "dplit", "entity": "lab"}}]},
+        "model": {"class_path": "dplit.tasks.ClassificationTask", "init_args": {"lr": 0.1}},
+        "data": {"class_path": data, "init_args": {"batch_size": 128}},
+    }  # fmt: skip
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    return Path(root)
+
+
+def shifted(acc, delta):
+    return {g: a + delta for g, a in acc.items()}
+
+
+def png_ok(path):
+    return path.is_file() and path.stat().st_size > 1024 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_dp_vs_baseline(tmp_path, capsys):
+    dp = write_run(tmp_path / "dp", DP, sigma=1.0, eps=3.0)
+    base = write_run(tmp_path / "nodp", NONDP)
+    out = tmp_path / "out"
+    assert main([str(dp), "--baseline", str(base), "--out", str(out), "--title", "Demo"]) == 0
+    md = (out / "report.md").read_text()
+    assert md.startswith("# Demo\n") and "`val` split" in md
+    for row in (
+        "| a | 500 | 98.00 | 96.00 | 2.00 |",
+        "| b | 50 | 70.00 | 50.00 | 20.00 |",
+        "| c | 200 | 90.00 | 85.00 | 5.00 |",
+    ):
+        assert row in md  # last epoch (1), not epoch 0
+    assert "**Cost gap** (max - min privacy cost over groups): 18.00 pp (largest: group b, smallest: group a)" in md
+    assert "**Worst-group accuracy**: DP 50.00% (group b) vs non-DP 70.00% (group b)" in md
+    assert "-1.000: strong negative" in md and '"the poor get poorer"' in md
+    assert "| 3 | 1e-05 | 0 | 77.00 |" in md  # runs table: epsilon, delta, seed, overall accuracy
+    for name in ("group_accuracy", "privacy_cost", "poor_get_poorer"):
+        assert png_ok(out / f"{name}.png") and f"]({name}.png)" in md
+    assert not (out / "accuracy_vs_epsilon.png").exists()
+    table = list(csv.DictReader((out / "groups.csv").open()))
+    assert [r["group"] for r in table] == ["a", "b", "c"]
+    assert float(table[1]["privacy_cost"]) == pytest.approx(0.20)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_seeds_give_paired_confidence_intervals(tmp_path):
+    offsets = [0.0, 0.02, -0.01]  # per seed; baseline seeds move half as much -> paired costs differ by seed
+    dp = [write_run(tmp_path / f"dp{s}", shifted(DP, o), sigma=1.0, eps=3.0 + 0.01 * s, seed=s)
+          for s, o in enumerate(offsets)]  # fmt: skip
+    base = [write_run(tmp_path / f"nodp{s}", shifted(NONDP, o / 2), seed=s) for s, o in enumerate(offsets)]
+    assert len(group_settings([load_run(p) for p in dp])) == 1  # same sigma, epsilons within 5%: one setting
+    out = tmp_path / "out"
+    assert main([*map(str, dp), "--baseline", *map(str, base), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    diffs = np.array([(NONDP["b"] + o / 2) - (DP["b"] + o) for o in offsets])
+    half = sps.t.ppf(0.975, 2) * diffs.std(ddof=1) / math.sqrt(3)
+    dp_b = DP["b"] + np.array(offsets)
+    dp_half = sps.t.ppf(0.975, 2) * dp_b.std(ddof=1) / math.sqrt(3)
+    assert f"| {100 * dp_b.mean():.2f} ± {100 * dp_half:.2f} | {100 * diffs.mean():.2f} ± {100 * half:.2f} |" in md
+    assert "95% confidence interval" in md and not (tmp_path / "out" / "accuracy_vs_epsilon.png").exists()
+
+
+def test_several_epsilons_add_accuracy_vs_epsilon(tmp_path):
+    runs = [write_run(tmp_path / f"dp_s{sig}_{seed}", shifted(DP, 0.02 * sig), sigma=sig, eps=8.0 / sig**2, seed=seed)
+            for sig in (1.0, 2.0) for seed in (0, 1)]  # fmt: skip
+    settings = group_settings([load_run(p) for p in runs])
+    assert [sorted(r.seed for r in s) for s in settings] == [[0, 1], [0, 1]]
+    assert [s[0].epsilon for s in settings] == [2.0, 8.0]
+    out = tmp_path / "out"
+    assert main([*map(str, runs), "--baseline", str(write_run(tmp_path / "nodp", NONDP)), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## DP ε=2 vs non-DP" in md and "## DP ε=8 vs non-DP" in md
+    assert png_ok(out / "accuracy_vs_epsilon.png") and "](accuracy_vs_epsilon.png)" in md
+
+
+def test_without_baseline_only_dp_side(tmp_path):
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "privacy_cost.png").write_bytes(b"stale")
+    assert main([str(write_run(tmp_path / "dp", DP, sigma=1.0, eps=3.0)), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "privacy cost per group needs the non-DP twin" in md and "--baseline" in md
+    assert "| b | 50 | 50.00 |" in md and "Worst-group accuracy**: DP 50.00% (group b)." in md
+    assert png_ok(out / "group_accuracy.png")
+    assert not (out / "privacy_cost.png").exists() and not (out / "poor_get_poorer.png").exists()
+
+
+def test_split_and_version_selection(tmp_path):
+    dp = write_run(tmp_path / "dp", shifted(DP, -0.3), sigma=1.0, eps=3.0)
+    write_run(dp, DP, sigma=1.0, eps=3.0, version=1, test=shifted(DP, -0.05))
+    base = write_run(tmp_path / "nodp", NONDP, test=NONDP)
+    assert load_run(dp).path.name == "version_1" and load_run(dp / "version_0").path.name == "version_0"
+    assert load_run(dp).group_acc("val")["b"] == pytest.approx(0.50)  # last epoch of version_1
+    out = tmp_path / "out"
+    assert main([str(dp), "--baseline", str(base), "--out", str(out), "--split", "auto"]) == 0
+    md = (out / "report.md").read_text()
+    assert "`test` split" in md and "| b | — | 70.00 | 45.00 | 25.00 |" in md  # test rows log no counts
+
+
+def _error(tmp_path, capsys, argv):
+    code = main([*map(str, argv), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "out" / "report.md").exists()
+    return err
+
+
+def test_errors_name_the_run_and_the_fix(tmp_path, capsys):
+    dp = write_run(tmp_path / "dp", DP, sigma=1.0, eps=3.0)
+    base = write_run(tmp_path / "nodp", NONDP)
+    empty = tmp_path / "empty" / "version_0"
+    empty.mkdir(parents=True)
+    err = _error(tmp_path, capsys, [empty.parent, "--baseline", base])
+    assert f"{empty.parent}: no metrics.csv" in err and "CSVLogger" in err
+    assert "no such run directory" in _error(tmp_path, capsys, [tmp_path / "nope"])
+    bare = write_run(tmp_path / "bare", DP, sigma=1.0, eps=3.0, groups=False)
+    err = _error(tmp_path, capsys, [bare, "--baseline", base])
+    assert str(bare) in err and "no per-group metrics: add dplit.callbacks.SubgroupMetrics to the config" in err
+    other = write_run(tmp_path / "other", NONDP, data="dplit.data.OtherDataModule")
+    err = _error(tmp_path, capsys, [dp, "--baseline", other])
+    assert "mismatched tasks" in err and "dplit.data.OtherDataModule" in err and str(other) in err
+    fewer = write_run(tmp_path / "fewer", {"a": 0.9, "b": 0.8})
+    assert "mismatched tasks" in _error(tmp_path, capsys, [dp, "--baseline", fewer])
+    err = _error(tmp_path, capsys, [dp, "--baseline", write_run(tmp_path / "dp2", DP, sigma=2.0, eps=1.0)])
+    assert "given as --baseline but it is a DP run" in err and "non-DP twin" in err
+    err = _error(tmp_path, capsys, [base])
+    assert f"{base / 'version_0'}: not a DP run" in err and "--baseline" in err
+    err = _error(tmp_path, capsys, [dp, "--baseline", base, "--split", "test"])
+    assert "no per-group test/ metrics" in err and "dplit test" in err and "--split val" in err
+    assert _error(tmp_path, capsys, [dp, "--split", "train"])  # argparse: invalid choice, exit 2
+
+
+def test_wandb_only_for_online_runs(tmp_path, monkeypatch):
+    run_dir = write_run(tmp_path / "dp", DP, sigma=1.0, eps=3.0)
+    assert online_wandb_run(load_run(run_dir)) is None  # no wandb/ folder
+    wandb_dir = run_dir / "wandb"
+    (wandb_dir / "offline-run-20260101_000000-off123").mkdir(parents=True)
+    (wandb_dir / "latest-run").symlink_to("offline-run-20260101_000000-off123")
+    assert online_wandb_run(load_run(run_dir)) is None
+    (wandb_dir / "run-20260102_000000-abc123").mkdir()
+    (wandb_dir / "latest-run").unlink()
+    (wandb_dir / "latest-run").symlink_to("run-20260102_000000-abc123")
+    assert online_wandb_run(load_run(run_dir)) == ("abc123", "dplit", "lab")
+    calls: list = []
+    fake_run = SimpleNamespace(log=lambda data: calls.append(("log", sorted(data))), finish=lambda: None)
+    fake = SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw)) or fake_run,
+        Image=lambda path: path,
+        Table=lambda columns, data: (columns, data),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)  # never the real client: no network in tests
+    png = tmp_path / "group_accuracy.png"
+    log_to_wandb([load_run(run_dir)], [png], [])
+    assert calls == []  # WANDB_MODE=disabled (conftest) wins
+    monkeypatch.setenv("WANDB_MODE", "online")  # with the fake module above: still no network
+    log_to_wandb([load_run(run_dir)], [png], [])
+    assert calls[0][0] == "init" and calls[0][1]["id"] == "abc123" and calls[0][1]["resume"] == "allow"
+    assert calls[1] == ("log", ["report/group_accuracy", "report/groups"])
+
+
+def test_spearman_rho_against_scipy():
+    assert spearman_rho([0.9, 0.8, 0.7, 0.6], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(-1.0)
+    assert spearman_rho([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    x, y = [0.9, 0.7, 0.7, 0.5, 0.9, 0.3], [1.0, 3.0, 2.0, 3.0, 1.0, 5.0]  # ties on both sides
+    assert spearman_rho(x, y) == pytest.approx(sps.spearmanr(x, y).statistic, abs=1e-12)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 30).tolist(), rng.normal(size=30).tolist()
+    assert spearman_rho(a, b) == pytest.approx(sps.spearmanr(a, b).statistic, abs=1e-12)
+    assert math.isnan(spearman_rho([1, 1, 1], [1, 2, 3])) and math.isnan(spearman_rho([1], [2]))
+
+
+def test_t_quantile_and_confidence_intervals_against_scipy():
+    for df in [*range(1, 41), 2.5, 7.3, 120, 1000]:
+        for p in (0.025, 0.6, 0.9, 0.975, 0.995):
+            assert t_quantile(p, df) == pytest.approx(sps.t.ppf(p, df), rel=1e-9, abs=1e-12)
+    rng = np.random.default_rng(1)
+    for n in (2, 3, 5, 10):
+        x = rng.normal(0.8, 0.05, n)
+        est = mean_ci(x.tolist())
+        lo, hi = sps.t.interval(0.95, n - 1, loc=x.mean(), scale=sps.sem(x))
+        assert (est.mean, est.half, est.n) == (pytest.approx(x.mean()), pytest.approx((hi - lo) / 2), n)
+    assert mean_ci([0.7]).half is None
+    a, b = rng.normal(0.9, 0.02, 4), rng.normal(0.8, 0.05, 3)
+    welch = sps.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    est = difference_ci(a.tolist(), b.tolist())  # no seeds: Welch
+    assert est.mean - est.half == pytest.approx(welch.low) and est.mean + est.half == pytest.approx(welch.high)
+    paired = difference_ci(a[:3].tolist(), b.tolist(), [0, 1, 2], [2, 1, 0])  # paired by seed, not by position
+    assert paired.half == pytest.approx(mean_ci((a[:3] - b[::-1]).tolist()).half)
