@@ -194,6 +194,14 @@ def test_torchmetrics_sync_path_with_a_fake_two_rank_gather(data: dict[str, torc
     assert torch.isnan(empty.compute()["auc"]).all()
 
 
+def test_auc_list_states_share_the_metric_dtype(data: dict[str, torch.Tensor]) -> None:
+    """Under DDP torchmetrics syncs a rank that saw no examples as empty tensors of ``metric.dtype``; any other
+    dtype on the ranks with data makes the gather fail (gloo: "Received data size doesn't match")."""
+    metric = GroupMetrics(NUM_GROUPS, num_classes=2)
+    metric.update(**data)
+    assert {t.dtype for name in ("scores", "labels", "groups") for t in getattr(metric, name)} == {metric.dtype}
+
+
 def test_flatten_names_skip_missing_groups(result: dict[str, torch.Tensor]) -> None:
     flat = flatten_group_metrics(result, NAMES, "val")
     assert flat["val/acc/group=a"] == pytest.approx(result["acc"][0].item())

@@ -153,6 +153,23 @@ def test_split_and_version_selection(tmp_path):
     assert "`test` split" in md and "| b | — | 70.00 | 45.00 | 25.00 |" in md  # test rows log no counts
 
 
+def test_last_evaluation_is_read_not_stale_values(tmp_path):
+    rows = [
+        {"epoch": 0, "step": 9, "val/acc/group=a": 0.5, "val/acc/group=c": 0.4, "val/acc": 0.45},
+        {"epoch": 0, "step": 9, "privacy/epsilon": 1.0, "train/loss_step": 0.3},
+        {"epoch": 1, "step": 19, "val/acc/group=a": 0.9, "val/acc": 0.9},  # c had no examples: not logged
+        {"epoch": 1, "step": 19, "privacy/epsilon": 2.0},
+    ]
+    (tmp_path / "version_0").mkdir()
+    with (tmp_path / "version_0" / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=sorted({k for r in rows for k in r}), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    run = load_run(tmp_path)
+    assert run.group_acc("val") == {"a": 0.9} and run.overall_acc("val") == 0.9
+    assert run.is_dp and run.epsilon == 2.0 and run.seed is None  # no config.yaml: DP read from the metrics
+
+
 def _error(tmp_path, capsys, argv):
     code = main([*map(str, argv), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -12,11 +12,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from dplit.privacy import engine
-from dplit.privacy.accounting import PrivacyAccountant, calibrate_noise_multiplier
-from dplit.privacy.budget import steps_within_budget
+from dplit.privacy import budget, engine
+from dplit.privacy.accounting import PrivacyAccountant
 from dplit.privacy.compat import check_model, replace_batchnorm
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
+from dplit.privacy.rng import make_generators, restore_generators
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,12 @@ class DifferentialPrivacy(Callback):
                 "mechanism that publishes one random example outright satisfies such a guarantee. Use a smaller delta.",
                 stacklevel=2,
             )
-        self.noise_multiplier = self._resolve_noise(trainer, plan)
+        steps = (
+            None
+            if cfg.noise_multiplier is not None
+            else budget.planned_steps(trainer.max_steps, trainer.max_epochs, plan.steps_per_epoch)
+        )
+        self.noise_multiplier = budget.resolve_noise_multiplier(cfg, plan, steps)
         self._fingerprint = cfg.fingerprint(
             noise_multiplier=self.noise_multiplier, sample_rate=plan.sample_rate, dataset_size=plan.dataset_size
         )
@@ -141,24 +146,7 @@ class DifferentialPrivacy(Callback):
             cfg.accountant, poisson=cfg.poisson_sampling, steps_per_epoch=plan.steps_per_epoch
         )
         self._restore(trainer)
-        budget = cfg.budget
-        self._step_limit = None
-        if budget is not None:
-            more = steps_within_budget(
-                self.accountant,
-                noise_multiplier=self.noise_multiplier,
-                sample_rate=plan.sample_rate,
-                delta=cfg.delta,
-                budget=budget,
-            )
-            if more == 0 and self.accountant.steps == 0:
-                first = self.accountant.epsilon_after(1, self.noise_multiplier, plan.sample_rate, cfg.delta)
-                raise PrivacyConfigError(
-                    f"A single step already spends epsilon={first:.3g} > budget {budget} (`max_epsilon`). Raise the "
-                    "budget or `noise_multiplier`."
-                )
-            self._step_limit = self.accountant.steps + more
-            log.info("Privacy budget epsilon=%g allows %d steps in all (%d more).", budget, self._step_limit, more)
+        self._step_limit = budget.step_limit(self.accountant, cfg, self.noise_multiplier, plan.sample_rate)
 
         self._hooks = engine.attach_hooks(pl_module, cfg)
         self.optimizer = engine.make_optimizer(
@@ -220,39 +208,11 @@ class DifferentialPrivacy(Callback):
             "`trainer.fit` instead of `train_dataloaders=...`."
         )
 
-    def _resolve_noise(self, trainer: L.Trainer, plan: engine.SamplingPlan) -> float:
-        cfg = self.config
-        if cfg.noise_multiplier is not None:
-            return cfg.noise_multiplier
-        assert cfg.target_epsilon is not None
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            planned = trainer.max_steps
-        elif trainer.max_epochs is not None and trainer.max_epochs > 0:
-            planned = trainer.max_epochs * plan.steps_per_epoch
-        else:
-            raise PrivacyConfigError(
-                "`target_epsilon` is calibrated over the planned number of steps: set `trainer.max_epochs` or "
-                "`trainer.max_steps`, or give `noise_multiplier` instead."
-            )
-        sigma = calibrate_noise_multiplier(
-            target_epsilon=cfg.target_epsilon,
-            sample_rate=plan.sample_rate,
-            steps=planned,
-            delta=cfg.delta,
-            accountant=cfg.accountant,
-        )
-        log.info("Calibrated noise_multiplier=%.4f for epsilon=%g over %d steps", sigma, cfg.target_epsilon, planned)
-        return sigma
-
     def _restore(self, trainer: L.Trainer) -> None:
         assert self.accountant is not None
         seed = self.config.seed if self.config.seed is not None else torch.initial_seed() % 2**31
         rank = trainer.global_rank
-        if self.config.secure_mode:
-            self._sampler_rng = self._noise_rng = engine.secure_generator()
-        else:
-            self._sampler_rng = torch.Generator().manual_seed(seed + 1_000_003 * rank)
-            self._noise_rng = torch.Generator().manual_seed(seed + 7_919 + 1_000_003 * rank)
+        self._sampler_rng, self._noise_rng = make_generators(seed, rank, secure=self.config.secure_mode)
         state = self._restored
         if state is None:
             return
@@ -267,21 +227,16 @@ class DifferentialPrivacy(Callback):
             )
         self.accountant.load_state_dict(state["accountant"])
         if not self.config.secure_mode:
-            assert self._sampler_rng is not None and self._noise_rng is not None
-            if state.get("world_size") == 1 and trainer.world_size == 1 and state.get("sampler_rng") is not None:
-                self._sampler_rng.set_state(state["sampler_rng"])
-                self._noise_rng.set_state(state["noise_rng"])
-            else:
-                # Only rank 0's generators are in the checkpoint; giving them to every rank would correlate the
-                # ranks' Poisson draws. Reseed per rank from (seed, rank, step) instead.
-                offset = 7_777_777 * self.accountant.steps
-                self._sampler_rng.manual_seed(seed + 1_000_003 * rank + offset)
-                self._noise_rng.manual_seed(seed + 7_919 + 1_000_003 * rank + offset)
-        log.info(
-            "Resumed privacy accountant at step %d (epsilon=%.4g)",
-            self.accountant.steps,
-            self.accountant.epsilon(self.config.delta),
-        )
+            restore_generators(
+                state,
+                self._sampler_rng,
+                self._noise_rng,
+                seed=seed,
+                rank=rank,
+                world_size=trainer.world_size,
+                step=self.accountant.steps,
+            )
+        log.info("Resumed privacy accountant at step %d (epsilon=%.4g)", self.accountant.steps, self.epsilon)
 
     # ---------------------------------------------------------------- per step: guard, account, log, stop
     @override

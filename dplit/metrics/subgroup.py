@@ -151,9 +151,11 @@ class GroupMetrics(Metric):
             for name in _BINARY_STATES:
                 setattr(self, name, getattr(self, name) + confusion[name])
         if self.compute_auc and probs is not None:
-            self.scores.append(probs[:, self.positive_class].detach().double())
-            self.labels.append((target == self.positive_class).long())
-            self.groups.append(group.long())
+            # All in the metric's dtype: a DDP rank that saw no examples syncs empty tensors of that dtype, and
+            # gloo/NCCL fail on a dtype mismatch between ranks. Ids stay exact in float32 below 2**24.
+            self.scores.append(probs[:, self.positive_class].detach().to(self.dtype))
+            self.labels.append((target == self.positive_class).to(self.dtype))
+            self.groups.append(group.to(self.dtype))
 
     def compute(self) -> dict[str, Tensor]:
         """Per-group tensors [G] and 0-dim summaries; the keys are listed in the module docstring."""
@@ -167,10 +169,8 @@ class GroupMetrics(Metric):
             out["demographic_parity_diff"] = demographic_parity_difference(rates["positive_rate"])
         if self.compute_auc:
             device = self.count.device
-            scores = _cat(self.scores, torch.float64, device)
-            labels = _cat(self.labels, torch.long, device)
-            groups = _cat(self.groups, torch.long, device)
-            out["auc"] = group_auc(scores, labels, groups, self.num_groups)
+            scores, labels, groups = (_cat(s, self.dtype, device) for s in (self.scores, self.labels, self.groups))
+            out["auc"] = group_auc(scores, labels, groups.long(), self.num_groups)
             out["auc_gap"] = auc_gap(out["auc"])
         return out
 

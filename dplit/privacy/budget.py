@@ -1,8 +1,58 @@
-"""Privacy budget: how many more steps fit under an epsilon budget (computed once, not every step)."""
+"""Privacy budget: the noise for a target epsilon, and how many steps fit under a budget (computed once)."""
 
 from __future__ import annotations
 
-from dplit.privacy.accounting import PrivacyAccountant
+import logging
+import math
+
+from dplit.privacy.accounting import (
+    PrivacyAccountant,
+    calibrate_noise_multiplier,
+    calibrate_noise_multiplier_no_amplification,
+)
+from dplit.privacy.config import PrivacyConfig, PrivacyConfigError
+from dplit.privacy.engine import SamplingPlan
+
+log = logging.getLogger(__name__)
+
+
+def planned_steps(max_steps: int | None, max_epochs: int | None, steps_per_epoch: int) -> int:
+    """Logical steps the run plans to take (``max_steps`` wins, as in Lightning)."""
+    if max_steps is not None and max_steps > 0:
+        return max_steps
+    if max_epochs is not None and max_epochs > 0:
+        return max_epochs * steps_per_epoch
+    raise PrivacyConfigError(
+        "`target_epsilon` is calibrated over the planned number of steps: set `trainer.max_epochs` or "
+        "`trainer.max_steps`, or give `noise_multiplier` instead."
+    )
+
+
+def resolve_noise_multiplier(config: PrivacyConfig, plan: SamplingPlan, steps: int | None) -> float:
+    """The configured noise multiplier, or the smallest one that keeps ``steps`` steps within ``target_epsilon``.
+
+    Without Poisson sampling the calibration uses the same no-amplification bound the accountant reports.
+    """
+    if config.noise_multiplier is not None:
+        return config.noise_multiplier
+    assert config.target_epsilon is not None and steps is not None
+    if config.poisson_sampling:
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=config.target_epsilon,
+            sample_rate=plan.sample_rate,
+            steps=steps,
+            delta=config.delta,
+            accountant=config.accountant,
+        )
+    else:
+        sigma = calibrate_noise_multiplier_no_amplification(
+            target_epsilon=config.target_epsilon,
+            epochs_participated=math.ceil(steps / plan.steps_per_epoch),
+            delta=config.delta,
+            accountant=config.accountant,
+        )
+    log.info("Calibrated noise_multiplier=%.4f for epsilon=%g over %d steps", sigma, config.target_epsilon, steps)
+    return sigma
 
 
 def steps_within_budget(
@@ -30,4 +80,24 @@ def steps_within_budget(
     return lo
 
 
-__all__ = ["steps_within_budget"]
+def step_limit(
+    accountant: PrivacyAccountant, config: PrivacyConfig, noise_multiplier: float, sample_rate: float
+) -> int | None:
+    """Total steps allowed by ``config.budget`` (None without a budget); refuses a budget below one step."""
+    budget = config.budget
+    if budget is None:
+        return None
+    more = steps_within_budget(
+        accountant, noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=config.delta, budget=budget
+    )
+    if more == 0 and accountant.steps == 0:
+        first = accountant.epsilon_after(1, noise_multiplier, sample_rate, config.delta)
+        raise PrivacyConfigError(
+            f"A single step already spends epsilon={first:.3g} > budget {budget} (`max_epsilon`). Raise the budget or "
+            "`noise_multiplier`."
+        )
+    log.info("Privacy budget epsilon=%g allows %d steps in all (%d more).", budget, accountant.steps + more, more)
+    return accountant.steps + more
+
+
+__all__ = ["planned_steps", "resolve_noise_multiplier", "step_limit", "steps_within_budget"]

@@ -215,19 +215,6 @@ def per_sample_grad_norms(hooks, optimizer: DPOptimizer, grad_sample_mode: str) 
     return torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
 
 
-def secure_generator() -> torch.Generator:
-    """A cryptographically secure generator (Opacus' secure mode); clear error if torchcsprng is missing."""
-    try:
-        import torchcsprng  # type: ignore[import-not-found]
-    except ImportError as err:
-        raise PrivacyEngineError(
-            "`secure_mode: true` needs the `torchcsprng` package (cryptographically secure sampling and noise), "
-            "which is not installed. Install a torchcsprng build matching your torch, or set `secure_mode: false` "
-            "for experiments (the standard, non-hardened setting)."
-        ) from err
-    return torchcsprng.create_random_device_generator("/dev/urandom")
-
-
 __all__ = [
     "PrivacyEngineError",
     "SamplingPlan",
@@ -237,5 +224,4 @@ __all__ = [
     "make_optimizer",
     "per_sample_grad_norms",
     "plan_sampling",
-    "secure_generator",
 ]

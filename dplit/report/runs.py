@@ -36,27 +36,39 @@ def find_version_dir(path: Path) -> Path:
     return max(versions)[1] if versions else path
 
 
-def read_last_values(metrics_csv: Path) -> dict[str, float]:
-    """Last logged value of every column of a CSVLogger ``metrics.csv`` (empty cells are 'not logged')."""
+def read_metrics(metrics_csv: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Reads a CSVLogger ``metrics.csv`` (one row per logging call, empty cells = not logged in that row).
+
+    Returns the last logged value of every column, and per split (``val``, ``test``) the ``<split>/...`` values of
+    the last row that logged per-group accuracies: the last evaluation, in which a group without examples is absent
+    (SubgroupMetrics reports it missing, not 0) rather than carried over from an earlier epoch.
+    """
     last: dict[str, float] = {}
+    evals: dict[str, dict[str, float]] = {}
     with metrics_csv.open(newline="") as handle:
         for row in csv.DictReader(handle):
+            values: dict[str, float] = {}
             for key, cell in row.items():
                 if key is None or cell is None or cell.strip() == "":
                     continue
                 try:
-                    last[key] = float(cell)
+                    values[key] = float(cell)
                 except ValueError as exc:
                     raise ReportError(f"{metrics_csv}: column {key!r} holds {cell!r}, not a number") from exc
-    return last
+            last.update(values)
+            for split in SPLITS:
+                if any(key.startswith(f"{split}/acc{GROUP_MARK}") for key in values):
+                    evals[split] = {k: v for k, v in values.items() if k.startswith(f"{split}/")}
+    return last, evals
 
 
 @dataclass
 class Run:
-    """One run: its last logged metric values and its LightningCLI config."""
+    """One run: its last logged metric values, its last evaluation per split, and its LightningCLI config."""
 
     path: Path
     last: dict[str, float]
+    evals: dict[str, dict[str, float]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -111,18 +123,20 @@ class Run:
         return float(delta) if delta is not None else None
 
     def groups(self, split: str) -> list[str]:
+        """Names of the groups in the last ``split`` evaluation."""
         prefix = f"{split}/acc{GROUP_MARK}"
-        return [key[len(prefix) :] for key in self.last if key.startswith(prefix)]
+        return [key[len(prefix) :] for key in self.evals.get(split, {}) if key.startswith(prefix)]
 
     def group_acc(self, split: str) -> dict[str, float]:
-        return {g: self.last[f"{split}/acc{GROUP_MARK}{g}"] for g in self.groups(split)}
+        return {g: self.evals[split][f"{split}/acc{GROUP_MARK}{g}"] for g in self.groups(split)}
 
     def group_count(self, split: str) -> dict[str, float]:
         prefix = f"{split}/count{GROUP_MARK}"
-        return {key[len(prefix) :]: value for key, value in self.last.items() if key.startswith(prefix)}
+        return {key[len(prefix) :]: v for key, v in self.evals.get(split, {}).items() if key.startswith(prefix)}
 
     def overall_acc(self, split: str) -> float | None:
-        return self.last.get(f"{split}/acc")
+        """``<split>/acc`` of the last evaluation (else its last logged value)."""
+        return self.evals.get(split, {}).get(f"{split}/acc", self.last.get(f"{split}/acc"))
 
     @property
     def setting_key(self) -> str:
@@ -140,7 +154,7 @@ def load_run(path: Path) -> Run:
             f"{path}: no metrics.csv (looked in {version_dir}): pass a run directory written by `dplit fit` with "
             "a lightning.pytorch.loggers.CSVLogger in trainer.logger (RUN or RUN/version_N)"
         )
-    last = read_last_values(metrics)
+    last, evals = read_metrics(metrics)
     if not any(GROUP_MARK in key for key in last):
         raise ReportError(
             f"{path}: no per-group metrics: add dplit.callbacks.SubgroupMetrics to the config (trainer.callbacks) "
@@ -154,7 +168,7 @@ def load_run(path: Path) -> Run:
         except yaml.YAMLError as exc:
             raise ReportError(f"{config_file}: not valid YAML ({exc}); restore the config `dplit fit` wrote") from exc
         config = loaded if isinstance(loaded, dict) else {}
-    return Run(path=version_dir, last=last, config=config)
+    return Run(path=version_dir, last=last, evals=evals, config=config)
 
 
 def choose_split(runs: list[Run], requested: str) -> str:
@@ -182,8 +196,9 @@ def check_same_task(runs: list[Run], split: str) -> None:
                 for r in (ref, run)
             ]
             raise ReportError(
-                f"mismatched tasks: {describe[0]}, but {describe[1]}; compare runs of one task "
-                "(same data.class_path and group names), e.g. configs/<task>_dp.yaml with configs/<task>_nodp.yaml"
+                f"mismatched tasks: {describe[0]}, but {describe[1]}; compare runs of one task (same "
+                "data.class_path and group names, e.g. configs/<task>_dp.yaml with configs/<task>_nodp.yaml; a group "
+                "without examples in a run's last evaluation is not logged)"
             )
 
 
