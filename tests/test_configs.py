@@ -112,3 +112,29 @@ def test_cli_end_to_end_subprocess(tmp_path):
     assert eps and all(e > 0 for e in eps)
     assert list((run / "version_0" / "checkpoints").glob("*.ckpt"))
     assert list((run / "wandb").glob("offline-run-*")), "W&B must run offline without an account"
+
+
+def test_report_from_two_real_runs(mnist_root, tmp_path, monkeypatch):
+    """Two tiny `dplit fit` runs (DP and its non-DP twin), then `dplit report`: the privacy cost per group in
+    report.md is the difference of the runs' logged final per-group accuracies."""
+    monkeypatch.chdir(tmp_path)
+    fast = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false"]
+    for name in ("mnist_dp", "mnist_nodp"):
+        config = ROOT / "configs" / f"{name}.yaml"
+        _run(["fit", f"--config={config}", *fast, *_data_args(config, mnist_root)])
+    out = tmp_path / "report"
+    assert main(["report", "runs/mnist_dp", "--baseline", "runs/mnist_nodp", "--out", str(out), "--no-wandb"]) == 0
+    text = (out / "report.md").read_text()
+
+    def final(run: str) -> dict[str, float]:
+        rows = list(csv.DictReader((tmp_path / "runs" / run / "version_0" / "metrics.csv").open()))
+        last = [r for r in rows if r.get("val/acc/group=0")][-1]
+        return {k.split("=")[1]: float(v) for k, v in last.items() if k.startswith("val/acc/group=") and v}
+
+    dp, nodp = final("mnist_dp"), final("mnist_nodp")
+    assert dp.keys() == nodp.keys() == {str(c) for c in range(10)}
+    for group in dp:
+        cost_pp = 100 * (nodp[group] - dp[group])
+        assert f"{cost_pp:.1f}" in text or f"{cost_pp:+.1f}" in text, (group, cost_pp)
+    for png in ("group_accuracy.png", "privacy_cost.png", "poor_get_poorer.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 1000
