@@ -98,6 +98,11 @@ class DifferentialPrivacy(Callback):
             raise PrivacyConfigError(
                 "More than one DifferentialPrivacy callback is configured (noise would be added twice); keep one."
             )
+        if trainer.world_size > 1 and self.config.grad_sample_mode == "ghost":
+            raise PrivacyConfigError(
+                "`grad_sample_mode: ghost` is not verified under DDP (DDP all-reduces the clipped gradients of the "
+                "second backward pass before Opacus adds noise). Use `grad_sample_mode: hooks` for multi-device runs."
+            )
         if not pl_module.automatic_optimization:
             raise PrivacyConfigError("DifferentialPrivacy supports automatic optimization only.")
         if self.replace_batchnorm:

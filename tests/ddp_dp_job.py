@@ -1,0 +1,41 @@
+"""Run by test_ddp_privacy: DP training under 2-process DDP (gloo). Each rank saves its batches and parameters."""
+
+import sys
+
+import lightning as L
+import torch
+from dp_helpers import TinyData, tiny_task
+from test_privacy_callback import Probe
+
+from dplit.callbacks import DifferentialPrivacy
+
+if __name__ == "__main__":
+    out, sigma, steps = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    probe = Probe()
+    dp = DifferentialPrivacy(noise_multiplier=sigma, max_grad_norm=1.0, delta=1e-3, seed=11)
+    trainer = L.Trainer(
+        callbacks=[dp, probe],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        use_distributed_sampler=False,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    task = tiny_task(lr=1.0, hidden=256)
+    trainer.fit(task, datamodule=TinyData(n=400, batch_size=40))
+    torch.save(
+        {
+            "steps": [{k: s[k] for k in ("batch", "before", "after")} for s in probe.steps],
+            "epsilon": dp.epsilon,
+            "accountant_steps": dp.accountant.steps,
+            "sample_rate": dp.plan.sample_rate,
+            "batch_size": dp.plan.batch_size,
+        },
+        f"{out}.rank{trainer.global_rank}.pt",
+    )
