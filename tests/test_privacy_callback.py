@@ -163,7 +163,7 @@ def test_epsilon_matches_dp_accounting_and_grows(tmp_path):
             eps.append(trainer.callback_metrics["privacy/epsilon"].item())
 
     dp = DifferentialPrivacy(noise_multiplier=1.1, delta=1e-3)
-    t = trainer(tmp_path, [dp, Watch()], max_epochs=2)
+    t = trainer(tmp_path, [dp, Watch()], max_epochs=2, log_every_n_steps=1)
     t.fit(tiny_task(), datamodule=TinyData())
     assert all(b > a for a, b in zip(eps, eps[1:]))
     assert dp.accountant.steps == 20
@@ -243,3 +243,20 @@ def test_budget_is_respected_by_every_accountant(tmp_path, accountant):
     assert 0 < n < 500 and t.should_stop
     eps = lambda k: compute_epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=k, delta=1e-3, accountant=accountant)  # noqa: E731
     assert eps(n) <= budget < eps(n + 1)
+
+
+def test_privacy_metrics_reach_the_csv_logger_at_its_interval(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    dp = DifferentialPrivacy(noise_multiplier=1.0, delta=1e-3)
+    t = trainer(tmp_path, [dp], max_steps=7, log_every_n_steps=2, logger=CSVLogger(tmp_path, name=""))
+    t.fit(tiny_task(), datamodule=TinyData())
+    rows = [r for r in csv.DictReader(open(tmp_path / "version_0" / "metrics.csv")) if r.get("privacy/epsilon")]
+    steps = [int(float(r["privacy/steps"])) for r in rows]
+    assert steps[:3] == [2, 4, 6] and steps[-1] == 7  # every 2nd step, and the final spend at the end
+    for r in rows:
+        assert float(r["privacy/epsilon"]) == pytest.approx(
+            rdp_epsilon(0.1, 1.0, int(float(r["privacy/steps"])), 1e-3), rel=0.01
+        )

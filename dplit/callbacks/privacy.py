@@ -278,11 +278,10 @@ class DifferentialPrivacy(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         assert self.accountant is not None
-        # Fresh epsilon on every step for the cheap RDP accountant; PRV/GDP only when loggers would write it.
-        if (
-            self.config.accountant == "rdp"
-            or self.accountant.steps % max(1, getattr(trainer, "log_every_n_steps", 50)) == 0
-        ):
+        # Recorded on every step; handed to Lightning only on the steps its loggers write (every
+        # `log_every_n_steps`): `self.log` costs ~0.5 ms a key, and a PRV epsilon up to seconds.
+        every = getattr(trainer, "log_every_n_steps", 50)
+        if every > 0 and (trainer.global_step % every == 0 or trainer.should_stop):
             self._log(pl_module, on_step=True)
         if self._step_limit is None or trainer.should_stop:
             return
