@@ -53,3 +53,18 @@ def trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(callbacks=callbacks, **defaults)
+
+
+def run_ddp_job(script: str, args: list[str], cwd) -> None:
+    """Run a tests/ script that starts 2-process DDP itself (Lightning relaunches the script for rank 1)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run(
+        [sys.executable, str(here / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from dp_helpers import tiny_task
+from dp_helpers import run_ddp_job, tiny_task
 from test_privacy_callback import clipped_sum, per_example_grads, rdp_epsilon
-
-HERE = Path(__file__).parent
 
 
 @pytest.mark.ddp
 def test_ddp_adds_noise_once_and_keeps_ranks_in_sync(tmp_path):
     sigma, steps = 2.0, 3
-    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "ddp_dp_job.py"), str(out), str(sigma), str(steps)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ddp_job("ddp_dp_job.py", [str(out), str(sigma), str(steps)], tmp_path)
     ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(2)]
     b = ranks[0]["batch_size"]
     assert ranks[0]["sample_rate"] == pytest.approx(40 / 400)  # the global q = B/N, as the accountant assumes

@@ -153,24 +153,12 @@ def test_task_without_group_outputs_is_a_clear_error(tmp_path):
 def test_ddp_group_metrics_equal_single_process(tmp_path):
     """2 CPU processes (gloo): each example evaluated once (odd N, no padding duplicates), metrics synced."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from dp_helpers import run_ddp_job
 
     n = 301
-    here = Path(__file__).parent
-    env = dict(os.environ, PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     out = tmp_path / "ddp.json"
-    proc = subprocess.run(
-        [sys.executable, str(here / "ddp_group_metrics_job.py"), str(out), str(n)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ddp_job("ddp_group_metrics_job.py", [str(out), str(n)], tmp_path)
     ddp = json.loads(out.read_text())
     cb = SubgroupMetrics()
     t = trainer(tmp_path, [cb], limit_val_batches=None)

@@ -202,3 +202,46 @@ def test_no_poisson_reports_the_no_amplification_bound(tmp_path):
     acc.compose(dp_accounting.GaussianDpEvent(1.0), 2)  # one full-batch Gaussian mechanism per epoch
     assert dp.epsilon == pytest.approx(acc.get_epsilon(1e-3), rel=0.01)
     assert dp.epsilon > rdp_epsilon(0.1, 1.0, 20, 1e-3)
+
+
+def test_kill_9_between_checkpoints_still_counts_every_step(tmp_path):
+    """A run SIGKILLed mid-epoch took 5 steps its last checkpoint does not know; the resume counts them."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run(
+        [sys.executable, str(here / "crash_job.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(last, weights_only=True)  # the checkpoint is intact
+    saved = next(v for k, v in state["callbacks"].items() if k.startswith("DifferentialPrivacy"))
+    assert sum(n for _, _, n in saved["accountant"]["history"]) == 10  # epoch 0 only
+    ledger = json.loads(Path(saved["ledger_path"]).read_text())  # never half-written
+    assert sum(n for _, _, n in ledger["accountant"]["history"]) == 15  # epoch 0 + 5 steps of epoch 1
+    assert not list(Path(saved["ledger_path"]).parent.glob(".privacy_ledger.json.*.tmp"))
+
+    dp = DifferentialPrivacy(noise_multiplier=1.0, delta=1e-3)
+    t = trainer(tmp_path, [dp], max_epochs=3)
+    t.fit(tiny_task(), datamodule=TinyData(), ckpt_path=last)
+    assert dp.accountant.steps == 15 + 20  # the 5 lost steps are counted, then epochs 1 and 2 again
+    assert dp.epsilon == pytest.approx(rdp_epsilon(0.1, 1.0, 35, 1e-3), rel=0.01)
+
+
+def test_ledger_of_another_run_is_ignored(tmp_path):
+    from dplit.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(tmp_path / "l.json", run_id="a")
+    ledger.write("fp", {"history": [[1.0, 0.1, 7]]})
+    assert PrivacyLedger(tmp_path / "l.json", run_id="a").read("fp") == {"history": [[1.0, 0.1, 7]]}
+    assert PrivacyLedger(tmp_path / "l.json", run_id="b").read("fp") is None
+    assert PrivacyLedger(tmp_path / "l.json", run_id="a").read("other-config") is None

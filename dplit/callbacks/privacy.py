@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,7 @@ from dplit.privacy import budget, engine
 from dplit.privacy.accounting import PrivacyAccountant
 from dplit.privacy.compat import check_model, replace_batchnorm
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
+from dplit.privacy.ledger import PrivacyLedger, recorded_steps
 from dplit.privacy.rng import make_generators, restore_generators
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ class DifferentialPrivacy(Callback):
 
     Args:
         replace_batchnorm: replace BatchNorm layers by GroupNorm before training instead of refusing the model.
+        ledger: write the accountant's state atomically after every step to ``privacy_ledger.json`` in the run's
+            log dir, so that resuming after a crash between checkpoints still counts every step taken.
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class DifferentialPrivacy(Callback):
         secure_mode: bool = False,
         seed: int | None = None,
         replace_batchnorm: bool = False,
+        ledger: bool = True,
     ) -> None:
         self.config = PrivacyConfig(
             noise_multiplier=noise_multiplier,
@@ -66,6 +71,8 @@ class DifferentialPrivacy(Callback):
             seed=seed,
         )
         self.replace_batchnorm = replace_batchnorm
+        self.use_ledger = ledger
+        self.ledger: PrivacyLedger | None = None
         self.accountant: PrivacyAccountant | None = None
         self.noise_multiplier: float | None = None
         self.plan: engine.SamplingPlan | None = None
@@ -80,6 +87,7 @@ class DifferentialPrivacy(Callback):
         self._noise_rng: torch.Generator | None = None
         self._dp_criterion_calls = 0
         self._world_size = 1
+        self._is_global_zero = True
         self._step_limit: int | None = None
 
     # ---------------------------------------------------------------- setup: fail loudly and early
@@ -132,6 +140,7 @@ class DifferentialPrivacy(Callback):
         self.plan = engine.plan_sampling(original_loader_fn())
         cfg, plan, world_size = self.config, self.plan, trainer.world_size
         self._world_size = world_size
+        self._is_global_zero = trainer.is_global_zero
         if cfg.delta >= 1 / plan.dataset_size:
             warnings.warn(
                 f"`delta={cfg.delta}` is not below 1/N = {1 / plan.dataset_size:.3g} (N={plan.dataset_size}): a "
@@ -151,6 +160,7 @@ class DifferentialPrivacy(Callback):
             cfg.accountant, poisson=cfg.poisson_sampling, steps_per_epoch=plan.steps_per_epoch
         )
         self._restore(trainer)
+        self._open_ledger(trainer)
         self._step_limit = budget.step_limit(self.accountant, cfg, self.noise_multiplier, plan.sample_rate)
 
         self._hooks = engine.attach_hooks(pl_module, cfg)
@@ -189,7 +199,6 @@ class DifferentialPrivacy(Callback):
             return loader
 
         self._source.train_dataloader = private_train_dataloader
-        self._original_loader_fn = original_loader_fn
         log.info(
             "DP on: sigma=%.4g C=%g q=%.5g (B=%d, N=%d), %s accountant, delta=%g",
             self.noise_multiplier,
@@ -243,6 +252,29 @@ class DifferentialPrivacy(Callback):
             )
         log.info("Resumed privacy accountant at step %d (epsilon=%.4g)", self.accountant.steps, self.epsilon)
 
+    def _open_ledger(self, trainer: L.Trainer) -> None:
+        assert self.accountant is not None and self._fingerprint is not None
+        if not self.use_ledger:
+            return
+        state = self._restored or {}
+        if state.get("ledger_path"):
+            self.ledger = PrivacyLedger(state["ledger_path"], run_id=state.get("run_id"))
+            recorded = self.ledger.read(self._fingerprint)
+            if recorded is not None and recorded_steps(recorded) > self.accountant.steps:
+                lost = recorded_steps(recorded) - self.accountant.steps
+                log.warning(
+                    "The privacy ledger %s records %d step(s) taken after the checkpoint (the run stopped between "
+                    "checkpoints); they are counted: the accountant never goes backwards.",
+                    self.ledger.path,
+                    lost,
+                )
+                self.accountant.load_state_dict(recorded)
+        else:
+            root = trainer.log_dir or trainer.default_root_dir
+            self.ledger = PrivacyLedger(Path(root) / "privacy_ledger.json")
+        if trainer.is_global_zero:
+            self.ledger.write(self._fingerprint, self.accountant.state_dict())
+
     # ---------------------------------------------------------------- per step: guard, account, log, stop
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -272,6 +304,8 @@ class DifferentialPrivacy(Callback):
     def _on_dp_step(self, optimizer: Any) -> None:
         assert self.accountant is not None and self.plan is not None and self.noise_multiplier is not None
         self.accountant.step(self.noise_multiplier, self.plan.sample_rate)
+        if self.ledger is not None and self._fingerprint is not None and self._is_global_zero:
+            self.ledger.write(self._fingerprint, self.accountant.state_dict())
 
     @override
     def on_train_batch_end(
@@ -363,6 +397,9 @@ class DifferentialPrivacy(Callback):
             "epsilon": self.epsilon,
             "delta": self.config.delta,
         }
+        if self.ledger is not None:
+            state["ledger_path"] = str(self.ledger.path.resolve())
+            state["run_id"] = self.ledger.run_id
         if self._sampler_rng is not None and not self.config.secure_mode:
             state["sampler_rng"] = self._sampler_rng.get_state()
             state["noise_rng"] = self._noise_rng.get_state() if self._noise_rng is not None else None
