@@ -23,8 +23,10 @@ def _figure(n_groups: int) -> Figure:
     return fig
 
 
-def _err(estimates: list[Estimate | None]) -> list[float]:
-    return [100 * e.half if e is not None and e.half is not None else 0.0 for e in estimates]
+def _err(estimates: list[Estimate | None]) -> list[float] | None:
+    """95% CI half-widths in percent, or None (no error bars) when no estimate has one (a single seed)."""
+    halves = [100 * e.half if e is not None and e.half is not None else 0.0 for e in estimates]
+    return halves if any(h > 0 for h in halves) else None
 
 
 def _save(fig: Figure, path: Path) -> Path:
