@@ -5,6 +5,7 @@ import sys
 import lightning as L
 import torch
 from dp_helpers import TinyData, tiny_task
+from lightning.pytorch.callbacks import ModelCheckpoint
 from test_privacy_callback import Probe
 
 from dplit.callbacks import DifferentialPrivacy
@@ -13,8 +14,9 @@ if __name__ == "__main__":
     out, sigma, steps = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     probe = Probe()
     dp = DifferentialPrivacy(noise_multiplier=sigma, max_grad_norm=1.0, delta=1e-3, seed=11)
+    ckpt = ModelCheckpoint(dirpath=f"{out}.ckpt", save_last=True)
     trainer = L.Trainer(
-        callbacks=[dp, probe],
+        callbacks=[dp, probe, ckpt],
         accelerator="cpu",
         devices=2,
         strategy="ddp",
@@ -23,7 +25,6 @@ if __name__ == "__main__":
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )

@@ -37,7 +37,26 @@ def _run(args: list[str]) -> DplitCLI:
 FAST = ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+SINGLE = [c for c in CONFIGS if "strategy: ddp" not in c.read_text()]
+MULTI = [c for c in CONFIGS if "strategy: ddp" in c.read_text()]
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("config", MULTI, ids=[c.name for c in MULTI])
+def test_ddp_config_trains_a_few_steps(config, mnist_root, tmp_path):
+    """A real 2-process `dplit fit` (Lightning relaunches the command for rank 1) on CPU with gloo."""
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "dplit.cli", "fit", f"--config={config}", "--trainer.accelerator=cpu", *FAST,
+           *_data_args(config, mnist_root)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(next(tmp_path.glob("runs/*/version_0/metrics.csv")).open()))
+    final = [r for r in rows if r.get("privacy/epsilon")][-1]
+    assert float(final["privacy/steps"]) == 3 and float(final["privacy/epsilon"]) > 0
+    assert any(r.get("val/acc/group=8") for r in rows)
+
+
+@pytest.mark.parametrize("config", SINGLE, ids=[c.name for c in SINGLE])
 def test_config_trains_a_few_steps(config, mnist_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs write to runs/<name>/ relative to the working directory
     cli = _run(["fit", f"--config={config}", *FAST, *_data_args(config, mnist_root)])

@@ -6,28 +6,59 @@ import math
 
 import pytest
 import torch
-from dp_helpers import run_ddp_job, tiny_task
+from dp_helpers import TinyData, run_ddp_job, tiny_task, trainer
 from test_privacy_callback import clipped_sum, per_example_grads, rdp_epsilon
+
+from dplit.callbacks import DifferentialPrivacy
+
+
+def _run(tmp_path, sigma: float, steps: int) -> list[dict]:
+    out = tmp_path / "ddp"
+    run_ddp_job("ddp_dp_job.py", [str(out), str(sigma), str(steps)], tmp_path)
+    return [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _check_steps(ranks: list[dict], sigma: float) -> None:
+    b = ranks[0]["batch_size"]
+    assert ranks[0]["sample_rate"] == pytest.approx(40 / 400)  # the global q = B/N, as the accountant assumes
+    task = tiny_task(lr=1.0, hidden=256)
+    for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"]):
+        torch.testing.assert_close(s0["before"], s1["before"])  # ranks start every step in sync...
+        torch.testing.assert_close(s0["after"], s1["after"])  # ...and end it in sync
+        # the two ranks' Poisson draws are disjoint shards of one global draw; the update must be the
+        # single-process DP-SGD update on their union: (sum of clipped grads + N(0, sigma^2 C^2)) / B, lr = 1
+        clipped = sum(clipped_sum(per_example_grads(task, s0["before"], s["batch"]), 1.0) for s in (s0, s1))
+        noise = (s0["before"] - s0["after"]) - clipped / b
+        if sigma < 1e-6:
+            torch.testing.assert_close(s0["before"] - s0["after"], clipped / b, rtol=1e-4, atol=1e-7)
+        else:
+            assert abs(noise.std().item() / (sigma / b) - 1) < 0.05, "noise std must be sigma*C/B (not sqrt(2)x)"
+            assert abs(noise.mean().item()) < 5 * sigma / b / math.sqrt(noise.numel())
 
 
 @pytest.mark.ddp
 def test_ddp_adds_noise_once_and_keeps_ranks_in_sync(tmp_path):
     sigma, steps = 2.0, 3
-    out = tmp_path / "ddp"
-    run_ddp_job("ddp_dp_job.py", [str(out), str(sigma), str(steps)], tmp_path)
-    ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(2)]
-    b = ranks[0]["batch_size"]
-    assert ranks[0]["sample_rate"] == pytest.approx(40 / 400)  # the global q = B/N, as the accountant assumes
-    task = tiny_task(lr=1.0, hidden=256)
-    for i in range(steps):
-        s0, s1 = ranks[0]["steps"][i], ranks[1]["steps"][i]
-        torch.testing.assert_close(s0["before"], s1["before"])  # ranks start every step in sync...
-        torch.testing.assert_close(s0["after"], s1["after"])  # ...and end it in sync
-        # the two ranks' Poisson draws are disjoint shards of one global draw
-        clipped = sum(clipped_sum(per_example_grads(task, s0["before"], s["batch"]), 1.0) for s in (s0, s1))
-        noise = (s0["before"] - s0["after"]) - clipped / b  # lr = 1: update = (sum clip + N(0, s^2 C^2)) / B
-        assert abs(noise.std().item() / (sigma / b) - 1) < 0.05, "noise std must be sigma*C/B (not sqrt(2)x)"
-        assert abs(noise.mean().item()) < 5 * sigma / b / math.sqrt(noise.numel())
+    ranks = _run(tmp_path, sigma, steps)
+    _check_steps(ranks, sigma)
     for r in ranks:
         assert r["accountant_steps"] == steps
         assert r["epsilon"] == pytest.approx(rdp_epsilon(0.1, sigma, steps, 1e-3), rel=0.01)
+
+
+@pytest.mark.ddp
+def test_ddp_update_equals_single_process_update_on_the_union_batch(tmp_path):
+    """Without noise, 2 ranks give exactly the single-process clipped-mean update for the same sampled examples."""
+    _check_steps(_run(tmp_path, 1e-9, 3), 1e-9)
+
+
+@pytest.mark.ddp
+def test_ddp_checkpoint_resumes_on_one_device(tmp_path):
+    steps = 3
+    _run(tmp_path, 2.0, steps)
+    last = tmp_path / "ddp.ckpt" / "last.ckpt"
+    dp = DifferentialPrivacy(noise_multiplier=2.0, max_grad_norm=1.0, delta=1e-3, seed=11)
+    t = trainer(tmp_path, [dp], max_steps=2 * steps, max_epochs=5)
+    t.fit(tiny_task(lr=1.0, hidden=256), datamodule=TinyData(n=400, batch_size=40), ckpt_path=last)
+    assert dp.accountant.steps == 2 * steps  # the accountant continues across a change of device count
+    assert dp.epsilon == pytest.approx(rdp_epsilon(0.1, 2.0, 2 * steps, 1e-3), rel=0.01)
