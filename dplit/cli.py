@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
+
+from dplit.checkpoints import check_checkpoint
 
 # jsonargparse 4.x warns about APIs Lightning's cli.py still uses (removal planned for jsonargparse 5, pinned <5).
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jsonargparse.*")
@@ -29,6 +32,14 @@ class DplitCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         super().__init__(*args, **kwargs)
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads hparams from `ckpt_path` right after parsing: check the file first, clearly
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
+        if config is not None:
+            check_checkpoint(config.get("ckpt_path"))
+
 
 def _usage_extra() -> str:
     lines = ["", "Other commands:"] + [f"  {name:<10} {text}" for name, text in EXTRA_COMMANDS.items()]
@@ -50,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("COLUMNS", "120")
     try:
         DplitCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+    except (ValueError, FileNotFoundError) as err:
+        # dplit's errors name the field and the fix; the traceback would bury that (DPLIT_TRACEBACK=1 shows it)
+        if os.environ.get("DPLIT_TRACEBACK"):
+            raise
+        print(f"dplit: error: {type(err).__name__}: {err}\n(set DPLIT_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
     except SystemExit as exc:
         if not args or args[0] in ("-h", "--help"):
             print(_usage_extra())

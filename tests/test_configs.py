@@ -157,3 +157,19 @@ def test_report_from_two_real_runs(mnist_root, tmp_path, monkeypatch):
         assert f"{cost_pp:.1f}" in text or f"{cost_pp:+.1f}" in text, (group, cost_pp)
     for png in ("group_accuracy.png", "privacy_cost.png", "poor_get_poorer.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 1000
+
+
+def test_corrupted_checkpoint_is_a_clear_error(mnist_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = ROOT / "configs" / "mnist_dp.yaml"
+    args = ["fit", f"--config={config}", *FAST, *_data_args(config, mnist_root)]
+    _run(args)
+    good = next(tmp_path.glob("runs/mnist_dp/version_0/checkpoints/*.ckpt"))
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated, as by a crash or a full disk
+    assert main([*args, f"--ckpt_path={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupted or not a checkpoint" in err and "Traceback" not in err
+    assert main([*args, f"--ckpt_path={tmp_path / 'missing.ckpt'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*args, f"--ckpt_path={good}", "--trainer.max_steps=4"]) == 0  # the good one still resumes

@@ -245,3 +245,44 @@ def test_ledger_of_another_run_is_ignored(tmp_path):
     assert PrivacyLedger(tmp_path / "l.json", run_id="a").read("fp") == {"history": [[1.0, 0.1, 7]]}
     assert PrivacyLedger(tmp_path / "l.json", run_id="b").read("fp") is None
     assert PrivacyLedger(tmp_path / "l.json", run_id="a").read("other-config") is None
+
+
+def test_disk_full_stops_cleanly_and_keeps_checkpoints_valid(tmp_path, monkeypatch):
+    """A full disk while writing the ledger or a checkpoint: a clear error, and the earlier checkpoint resumes."""
+    import errno
+
+    from dplit.privacy import ledger as ledger_module
+
+    ckpt_dir = tmp_path / "ckpt"
+    dp = DifferentialPrivacy(noise_multiplier=1.0, delta=1e-3)
+    calls = {"n": 0}
+    real_dump = ledger_module.json.dump
+
+    def dump_until_full(obj, handle):
+        calls["n"] += 1
+        if calls["n"] > 15:  # the disk fills up in the middle of the second epoch
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_dump(obj, handle)
+
+    monkeypatch.setattr(ledger_module.json, "dump", dump_until_full)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1)
+    t = trainer(tmp_path, [dp, ckpt], max_epochs=3, enable_checkpointing=True)
+    with pytest.raises(OSError, match="disk full"):
+        t.fit(tiny_task(), datamodule=TinyData())
+    monkeypatch.setattr(ledger_module.json, "dump", real_dump)
+    # a checkpoint write that fails half-way leaves the previous checkpoint intact (Lightning writes a temp file)
+    before = (ckpt_dir / "last.ckpt").read_bytes()
+
+    def failing_save(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        t.save_checkpoint(ckpt_dir / "last.ckpt")
+    monkeypatch.undo()
+    assert (ckpt_dir / "last.ckpt").read_bytes() == before
+    dp2 = DifferentialPrivacy(noise_multiplier=1.0, delta=1e-3)
+    t2 = trainer(tmp_path, [dp2], max_epochs=3)
+    t2.fit(tiny_task(), datamodule=TinyData(), ckpt_path=ckpt_dir / "last.ckpt")
+    # 10 steps checkpointed + the steps the ledger recorded before the disk filled, then 2 more epochs
+    assert dp2.accountant.steps >= 10 + 20

@@ -30,11 +30,19 @@ class PrivacyLedger:
 
     def write(self, fingerprint: str, accountant_state: dict[str, Any]) -> None:
         """Replace the ledger with the current state (a crash leaves the previous or the new file, never half)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"run_id": self.run_id, "fingerprint": fingerprint, "accountant": accountant_state}
-        with open(self._tmp, "w") as handle:
-            json.dump(payload, handle)
-        os.replace(self._tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._tmp, "w") as handle:
+                json.dump(payload, handle)
+            os.replace(self._tmp, self.path)
+        except OSError as err:
+            raise OSError(
+                err.errno,
+                f"Could not record the privacy spend in {self.path} ({err.strerror or err}; disk full?). Training "
+                "stops here so that no step goes unaccounted; the checkpoints written so far stay valid. Free space "
+                "and resume with `--ckpt_path` (or set `ledger: false` on DifferentialPrivacy to run without it).",
+            ) from err
 
     def read(self, fingerprint: str) -> dict[str, Any] | None:
         """The recorded accountant state if the ledger belongs to this run and privacy configuration."""
