@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,7 +16,8 @@ from dplit.privacy import budget, engine
 from dplit.privacy.accounting import PrivacyAccountant
 from dplit.privacy.compat import check_model, replace_batchnorm
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
-from dplit.privacy.ledger import PrivacyLedger, recorded_steps
+from dplit.privacy.ledger import PrivacyLedger
+from dplit.privacy.resume import check_same_privacy, open_ledger
 from dplit.privacy.rng import make_generators, restore_generators
 
 log = logging.getLogger(__name__)
@@ -230,15 +230,8 @@ class DifferentialPrivacy(Callback):
         state = self._restored
         if state is None:
             return
-        if state["fingerprint"] != self._fingerprint:
-            raise PrivacyConfigError(
-                "The checkpoint was trained with a different privacy configuration (noise_multiplier "
-                f"{state['noise_multiplier']:.4g} vs {self.noise_multiplier:.4g}, "
-                f"sample rate {state['sample_rate']:.4g} "
-                f"vs {self.plan.sample_rate if self.plan else float('nan'):.4g}, or clip/delta/accountant/sampling/"
-                "dataset size changed). Resuming would make the accountant wrong: resume with the original settings, "
-                "or start a new run without `ckpt_path`."
-            )
+        assert self._fingerprint is not None and self.noise_multiplier is not None and self.plan is not None
+        check_same_privacy(state, self._fingerprint, self.noise_multiplier, self.plan.sample_rate)
         self.accountant.load_state_dict(state["accountant"])
         if not self.config.secure_mode:
             restore_generators(
@@ -256,22 +249,9 @@ class DifferentialPrivacy(Callback):
         assert self.accountant is not None and self._fingerprint is not None
         if not self.use_ledger:
             return
-        state = self._restored or {}
-        if state.get("ledger_path"):
-            self.ledger = PrivacyLedger(state["ledger_path"], run_id=state.get("run_id"))
-            recorded = self.ledger.read(self._fingerprint)
-            if recorded is not None and recorded_steps(recorded) > self.accountant.steps:
-                lost = recorded_steps(recorded) - self.accountant.steps
-                log.warning(
-                    "The privacy ledger %s records %d step(s) taken after the checkpoint (the run stopped between "
-                    "checkpoints); they are counted: the accountant never goes backwards.",
-                    self.ledger.path,
-                    lost,
-                )
-                self.accountant.load_state_dict(recorded)
-        else:
-            root = trainer.log_dir or trainer.default_root_dir
-            self.ledger = PrivacyLedger(Path(root) / "privacy_ledger.json")
+        self.ledger = open_ledger(
+            self._restored, self.accountant, self._fingerprint, trainer.log_dir or trainer.default_root_dir
+        )
         if trainer.is_global_zero:
             self.ledger.write(self._fingerprint, self.accountant.state_dict())
 
