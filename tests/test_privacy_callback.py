@@ -81,7 +81,7 @@ def test_optimizer_is_dp_and_per_sample_grads_match_autograd(tmp_path):
         torch.testing.assert_close(step["grad_sample"], ref, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "bookkeeping"])
 def test_update_is_clipped_mean_of_per_example_grads(tmp_path, mode):
     """With negligible noise, the SGD update equals lr * sum_i clip_C(g_i) / B from per-example autograd."""
     c, lr = 0.05, 0.5  # small C so that every example is clipped
@@ -89,6 +89,7 @@ def test_update_is_clipped_mean_of_per_example_grads(tmp_path, mode):
     dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=c, grad_sample_mode=mode)
     t, task = fit(tmp_path, dp, probe, task=tiny_task(lr=lr), max_steps=3)
     b = dp.plan.batch_size
+    assert len(probe.steps) == 3
     for step in probe.steps:
         grads = per_example_grads(task, step["before"], step["batch"])
         assert (grads.norm(dim=1) > c).all()
@@ -98,7 +99,7 @@ def test_update_is_clipped_mean_of_per_example_grads(tmp_path, mode):
         assert (clipped_sum(grads, c)).norm() <= len(step["batch"][1]) * c + 1e-6
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
 def test_noise_std_is_sigma_c_over_b_and_added_once(tmp_path, mode):
     """Lightning passes a closure to optimizer.step (Opacus #313): the noise must still be there, exactly once."""
     sigma, c, lr = 2.0, 1.0, 1.0
@@ -106,6 +107,7 @@ def test_noise_std_is_sigma_c_over_b_and_added_once(tmp_path, mode):
     dp = DifferentialPrivacy(noise_multiplier=sigma, max_grad_norm=c, grad_sample_mode=mode, seed=3)
     t, task = fit(tmp_path, dp, probe, task=tiny_task(lr=lr, hidden=256), max_steps=2)
     b = dp.plan.batch_size
+    assert len(probe.steps) == 2
     for step in probe.steps:
         grads = per_example_grads(task, step["before"], step["batch"])
         noise = (step["before"] - step["after"]) / lr - clipped_sum(grads, c) / b  # [P] ~ N(0, (sigma C / B)^2)
@@ -144,9 +146,10 @@ def test_loader_is_poisson_with_the_accountant_sample_rate(tmp_path):
     assert sizes.var().item() == pytest.approx(200 * q * (1 - q), rel=0.1)  # binomial, not fixed-size
 
 
-def test_empty_batches_are_noised_steps(tmp_path):
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
+def test_empty_batches_are_noised_steps(tmp_path, mode):
     probe = Probe()
-    dp = DifferentialPrivacy(noise_multiplier=1.0, max_epsilon=1e6)
+    dp = DifferentialPrivacy(noise_multiplier=1.0, max_epsilon=1e6, grad_sample_mode=mode)
     fit(tmp_path, dp, probe, data=TinyData(n=200, batch_size=1), max_steps=40)
     sizes = [len(s["batch"][1]) for s in probe.steps]
     assert 0 in sizes
@@ -260,3 +263,50 @@ def test_privacy_metrics_reach_the_csv_logger_at_its_interval(tmp_path):
         assert float(r["privacy/epsilon"]) == pytest.approx(
             rdp_epsilon(0.1, 1.0, int(float(r["privacy/steps"])), 1e-3), rel=0.01
         )
+
+
+class ImageData(L.LightningDataModule):
+    """Random 1x12x12 'images' with 3 classes, for conv layers."""
+
+    def __init__(self, n: int = 64, batch_size: int = 8) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(n, 1, 12, 12, generator=g), torch.randint(0, 3, (n,), generator=g)
+        self.batch_size, self.group_names, self.num_classes = batch_size, ["all"], 3
+
+    def train_dataloader(self):
+        from dplit.data.base import GroupedTensorDataset
+
+        data = GroupedTensorDataset(self.x, self.y, torch.zeros(len(self.y), dtype=torch.long))
+        return torch.utils.data.DataLoader(data, batch_size=self.batch_size, shuffle=True)
+
+
+def conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=1, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=0, bias=False),
+        nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 3),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
+def test_conv_update_is_clipped_mean_of_per_example_grads(tmp_path, mode):
+    from dplit.tasks import ClassificationTask
+
+    c, lr = 0.05, 0.5
+    probe = Probe()
+    task = ClassificationTask(conv_net(), lr=lr)
+    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=c, grad_sample_mode=mode)
+    t = trainer(tmp_path, [dp, probe], max_steps=3)
+    t.fit(task, datamodule=ImageData())
+    assert len(probe.steps) == 3
+    for step in probe.steps:
+        model = conv_net()
+        torch.nn.utils.vector_to_parameters(step["before"], model.parameters())
+        x, y, _ = step["batch"]
+        rows = []
+        for i in range(len(y)):
+            loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))]))
+        expected = lr * clipped_sum(torch.stack(rows), c) / dp.plan.batch_size
+        torch.testing.assert_close(step["before"] - step["after"], expected, rtol=1e-3, atol=1e-7)

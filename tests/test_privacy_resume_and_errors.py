@@ -90,12 +90,15 @@ def test_resume_with_changed_dataset_size_is_refused(tmp_path):
         t.fit(tiny_task(), datamodule=TinyData(n=300), ckpt_path=last)
 
 
-def test_virtual_steps_match_the_logical_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
+def test_virtual_steps_match_the_logical_batch(tmp_path, mode):
     """max_physical_batch_size splits a batch into physical ones; same accountant steps, same update."""
     runs = {}
     for name, phys in (("full", None), ("split", 3)):
         torch.manual_seed(0)
-        dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=0.05, max_physical_batch_size=phys, seed=1)
+        dp = DifferentialPrivacy(
+            noise_multiplier=1e-9, max_grad_norm=0.05, max_physical_batch_size=phys, seed=1, grad_sample_mode=mode
+        )
         task = tiny_task()
         t = trainer(tmp_path, [dp], max_epochs=1)
         t.fit(task, datamodule=TinyData())
@@ -286,3 +289,10 @@ def test_disk_full_stops_cleanly_and_keeps_checkpoints_valid(tmp_path, monkeypat
     t2.fit(tiny_task(), datamodule=TinyData(), ckpt_path=ckpt_dir / "last.ckpt")
     # 10 steps checkpointed + the steps the ledger recorded before the disk filled, then 2 more epochs
     assert dp2.accountant.steps >= 10 + 20
+
+
+def test_bookkeeping_refuses_unsupported_layers(tmp_path):
+    task = ClassificationTask(nn.Sequential(nn.Linear(20, 16), nn.LayerNorm(16), nn.Linear(16, 2)))
+    t = trainer(tmp_path, [DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="bookkeeping")], max_steps=1)
+    with pytest.raises(PrivacyConfigError, match=r"unsupported: backbone.1 \(LayerNorm\)"):
+        t.fit(task, datamodule=TinyData())

@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from dplit.privacy import budget, engine
 from dplit.privacy.accounting import PrivacyAccountant
+from dplit.privacy.bookkeeping import check_supported as check_bookkeeping
 from dplit.privacy.compat import check_model, replace_batchnorm
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
 from dplit.privacy.ledger import PrivacyLedger
@@ -86,6 +87,7 @@ class DifferentialPrivacy(Callback):
         self._sampler_rng: torch.Generator | None = None
         self._noise_rng: torch.Generator | None = None
         self._dp_criterion_calls = 0
+        self._bk_seen = 0
         self._world_size = 1
         self._is_global_zero = True
         self._step_limit: int | None = None
@@ -106,10 +108,10 @@ class DifferentialPrivacy(Callback):
             raise PrivacyConfigError(
                 "More than one DifferentialPrivacy callback is configured (noise would be added twice); keep one."
             )
-        if trainer.world_size > 1 and self.config.grad_sample_mode == "ghost":
+        if trainer.world_size > 1 and self.config.grad_sample_mode in ("ghost", "bookkeeping"):
             raise PrivacyConfigError(
-                "`grad_sample_mode: ghost` is not verified under DDP (DDP all-reduces the clipped gradients of the "
-                "second backward pass before Opacus adds noise). Use `grad_sample_mode: hooks` for multi-device runs."
+                f"`grad_sample_mode: {self.config.grad_sample_mode}` is not verified under DDP (DDP all-reduces the "
+                "gradients before they are clipped). Use `grad_sample_mode: hooks` for multi-device runs."
             )
         if not pl_module.automatic_optimization:
             raise PrivacyConfigError("DifferentialPrivacy supports automatic optimization only.")
@@ -118,6 +120,11 @@ class DifferentialPrivacy(Callback):
             if replaced:
                 log.warning("DifferentialPrivacy replaced BatchNorm by GroupNorm in: %s", ", ".join(replaced))
         check_model(pl_module, self.config.grad_sample_mode)
+        if self.config.grad_sample_mode == "bookkeeping":
+            try:
+                check_bookkeeping(pl_module)
+            except ValueError as err:
+                raise PrivacyConfigError(str(err)) from None
         if self.config.grad_sample_mode == "ghost" and not isinstance(
             getattr(pl_module, "criterion", None), torch.nn.Module
         ):
@@ -265,7 +272,18 @@ class DifferentialPrivacy(Callback):
             )
 
     @override
+    @override
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.config.grad_sample_mode == "bookkeeping" and self._hooks is not None:
+            self._hooks.clip_into_grad()  # p.grad := sum of clipped per-example gradients
+
+    @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self.config.grad_sample_mode == "bookkeeping":
+            if self._hooks.batches_clipped == self._bk_seen:
+                raise RuntimeError("DifferentialPrivacy (book-keeping): the gradients of this step were not clipped.")
+            self._bk_seen = self._hooks.batches_clipped
+            return
         if self.config.grad_sample_mode == "ghost":
             if self._dp_criterion_calls == 0:
                 raise RuntimeError(

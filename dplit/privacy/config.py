@@ -10,7 +10,7 @@ from typing import Literal
 
 AccountantName = Literal["rdp", "prv", "gdp"]
 ClippingMode = Literal["flat", "per_layer"]
-GradSampleMode = Literal["hooks", "functorch", "ghost"]
+GradSampleMode = Literal["hooks", "functorch", "ghost", "bookkeeping"]
 
 
 class PrivacyConfigError(ValueError):
@@ -40,7 +40,8 @@ class PrivacyConfig:
     """Per-sample clipping: ``flat`` over all parameters, or ``per_layer``."""
     grad_sample_mode: GradSampleMode = "hooks"
     """How per-sample gradients are obtained: ``hooks`` (Opacus hooks), ``functorch`` (vmap), ``ghost``
-    (ghost clipping: per-sample norms without per-sample gradients; flat clipping only)."""
+    (ghost clipping: per-sample norms without per-sample gradients; flat clipping only), ``bookkeeping``
+    (book-keeping clipping, one backward pass; Linear/Conv2d models, flat clipping only)."""
     poisson_sampling: bool = True
     """Poisson sampling (what the accountant assumes). If false, batches are shuffled fixed-size batches and the
     reported epsilon is the no-amplification bound (one Gaussian mechanism per epoch, zero-out adjacency)."""
@@ -82,13 +83,13 @@ class PrivacyConfig:
             raise PrivacyConfigError(f"`accountant` must be one of rdp, prv, gdp; got {self.accountant!r}.")
         if self.clipping not in ("flat", "per_layer"):
             raise PrivacyConfigError(f"`clipping` must be flat or per_layer; got {self.clipping!r}.")
-        if self.grad_sample_mode not in ("hooks", "functorch", "ghost"):
+        if self.grad_sample_mode not in ("hooks", "functorch", "ghost", "bookkeeping"):
             raise PrivacyConfigError(
-                f"`grad_sample_mode` must be hooks, functorch or ghost; got {self.grad_sample_mode!r} "
+                f"`grad_sample_mode` must be hooks, functorch, ghost or bookkeeping; got {self.grad_sample_mode!r} "
                 "(Opacus' `ew` mode needs the wrapper's forward and does not work under Lightning)."
             )
-        if self.grad_sample_mode == "ghost" and self.clipping != "flat":
-            raise PrivacyConfigError("`grad_sample_mode: ghost` supports `clipping: flat` only.")
+        if self.grad_sample_mode in ("ghost", "bookkeeping") and self.clipping != "flat":
+            raise PrivacyConfigError(f"`grad_sample_mode: {self.grad_sample_mode}` supports `clipping: flat` only.")
         if self.max_physical_batch_size is not None and self.max_physical_batch_size < 1:
             raise PrivacyConfigError(f"`max_physical_batch_size` must be >= 1, got {self.max_physical_batch_size}.")
 

@@ -19,6 +19,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
+from dplit.privacy.bookkeeping import BookKeeping
 from dplit.privacy.config import PrivacyConfig
 
 # Opacus' backward hooks fire on module outputs when the input needs no grad (always, for a first layer): harmless.
@@ -71,6 +72,8 @@ def attach_hooks(module: nn.Module, config: PrivacyConfig):
 
     Returns the Opacus hooks object; keep it alive for as long as training runs, and call ``remove_hooks()``.
     """
+    if config.grad_sample_mode == "bookkeeping":
+        return BookKeeping(module, config.max_grad_norm)
     kwargs: dict = {"batch_first": True, "loss_reduction": "mean", "strict": True}
     if config.grad_sample_mode == "ghost":
         kwargs["max_grad_norm"] = config.max_grad_norm
@@ -95,9 +98,9 @@ def make_optimizer(
     if isinstance(optimizer, DPOptimizer):
         raise PrivacyEngineError("The optimizer is already a DP optimizer; do not wrap it twice.")
     distributed = world_size > 1
-    cls = get_optimizer_class(
-        clipping=config.clipping, distributed=distributed, grad_sample_mode=config.grad_sample_mode
-    )
+    # book-keeping writes the clipped sum into p.grad, as ghost clipping's second backward does
+    mode = "ghost" if config.grad_sample_mode == "bookkeeping" else config.grad_sample_mode
+    cls = get_optimizer_class(clipping=config.clipping, distributed=distributed, grad_sample_mode=mode)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     max_grad_norm: float | list[float] = config.max_grad_norm
     if config.clipping == "per_layer":
@@ -200,6 +203,8 @@ def per_sample_grad_norms(hooks, optimizer: DPOptimizer, grad_sample_mode: str) 
 
     Read-only diagnostics: these are NOT differentially private (they are computed from raw training data).
     """
+    if grad_sample_mode == "bookkeeping":
+        return hooks.last_norms
     if grad_sample_mode == "ghost":
         norms = getattr(hooks, "_per_sample_gradient_norms", None)
         return None if norms is None else norms.detach()
