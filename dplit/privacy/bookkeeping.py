@@ -42,7 +42,7 @@ def check_supported(module: nn.Module) -> None:
     if bad:
         raise ValueError(
             "`grad_sample_mode: bookkeeping` supports trainable Linear and Conv2d (groups=1, dilation=1, numeric zero "
-            f"padding) layers only; unsupported: {', '.join(bad)}. Use `grad_sample_mode: ghost` or `hooks` for this model."
+            f"padding) layers only; unsupported: {', '.join(bad)}. Use `grad_sample_mode: ghost` or `hooks`."
         )
 
 
