@@ -18,6 +18,7 @@ warnings.filterwarnings("ignore", message=r".*LightningCLI.*jsonargparse.*")
 EXTRA_COMMANDS = {
     "epsilon": "Privacy calculator: epsilon for a DP-SGD configuration, or the noise for a target epsilon.",
     "report": "Disparate-impact report: per-group privacy cost of DP runs vs their non-DP twin (PNG + markdown).",
+    "audit": "Empirical privacy audit in one training run: a lower bound on epsilon from mislabelled canaries.",
 }
 
 
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from dplit.report.cli import main as report_main
 
         return report_main(args[1:])
+    if args and args[0] == "audit":
+        from dplit.audit.cli import main as audit_main
+
+        return audit_main(args[1:])
     if not args or args[0] in ("-h", "--help"):
         os.environ.setdefault("COLUMNS", "120")
     try:
