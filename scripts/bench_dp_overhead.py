@@ -36,6 +36,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,7 @@ def _run_lightning(args: argparse.Namespace, timer: StepTimer) -> dict[str, Any]
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
+        default_root_dir=tempfile.mkdtemp(prefix="dplit-bench-"),  # the DP callback's ledger goes there
         max_steps=timer.total,
         limit_val_batches=0,
         num_sanity_val_steps=0,
