@@ -62,3 +62,25 @@ def test_ddp_checkpoint_resumes_on_one_device(tmp_path):
     t.fit(tiny_task(lr=1.0, hidden=256), datamodule=TinyData(n=400, batch_size=40), ckpt_path=last)
     assert dp.accountant.steps == 2 * steps  # the accountant continues across a change of device count
     assert dp.epsilon == pytest.approx(rdp_epsilon(0.1, 2.0, 2 * steps, 1e-3), rel=0.01)
+
+
+@pytest.mark.ddp
+def test_ddp_final_parameters_equal_a_one_process_dp_sgd_with_the_same_samples_and_noise_seed(tmp_path):
+    """Replays the run in one process, independently of Opacus: the same sampled examples (the union of the ranks'
+    shards), clipping by per-example autograd, Gaussian noise from rank 0's noise seed drawn parameter by parameter,
+    plain SGD. The 2-rank run's final parameters must equal it up to float tolerance."""
+    sigma, steps, c, lr = 2.0, 3, 1.0, 1.0
+    ranks = _run(tmp_path, sigma, steps)
+    b = ranks[0]["batch_size"]
+    task = tiny_task(lr=lr, hidden=256)
+    shapes = [p.shape for p in task.parameters()]
+    noise_rng = torch.Generator().manual_seed(11 + 7_919)  # seed=11 in the job; rank 0 adds the noise
+    params = ranks[0]["steps"][0]["before"].clone()
+    for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"]):
+        clipped = sum(clipped_sum(per_example_grads(task, params, s["batch"]), c) for s in (s0, s1))
+        noise = torch.cat(
+            [torch.normal(0.0, sigma * c, size=shape, generator=noise_rng).reshape(-1) for shape in shapes]
+        )
+        params = params - lr * (clipped + noise) / b
+    torch.testing.assert_close(params, ranks[0]["steps"][-1]["after"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(params, ranks[1]["steps"][-1]["after"], rtol=1e-4, atol=1e-5)
