@@ -9,13 +9,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from dplit.callbacks._wiring import CriterionPatch, TrainLoaderPatch
 from dplit.privacy import budget, engine
 from dplit.privacy.accounting import PrivacyAccountant
-from dplit.privacy.bookkeeping import check_supported as check_bookkeeping
-from dplit.privacy.compat import check_model, replace_batchnorm
+from dplit.privacy.compat import prepare_model
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
 from dplit.privacy.ledger import PrivacyLedger
 from dplit.privacy.resume import check_same_privacy, open_ledger
@@ -81,12 +80,11 @@ class DifferentialPrivacy(Callback):
         self._restored: dict[str, Any] | None = None
         self._fingerprint: str | None = None
         self._hooks: Any = None
-        self._source: Any = None
-        self._original_criterion: Any = None
+        self._loader_patch: TrainLoaderPatch | None = None
+        self._criterion: CriterionPatch | None = None
         self._loader: Any = None
         self._sampler_rng: torch.Generator | None = None
         self._noise_rng: torch.Generator | None = None
-        self._dp_criterion_calls = 0
         self._bk_seen = 0
         self._world_size = 1
         self._is_global_zero = True
@@ -115,23 +113,9 @@ class DifferentialPrivacy(Callback):
             )
         if not pl_module.automatic_optimization:
             raise PrivacyConfigError("DifferentialPrivacy supports automatic optimization only.")
-        if self.replace_batchnorm:
-            replaced = replace_batchnorm(pl_module)
-            if replaced:
-                log.warning("DifferentialPrivacy replaced BatchNorm by GroupNorm in: %s", ", ".join(replaced))
-        check_model(pl_module, self.config.grad_sample_mode)
-        if self.config.grad_sample_mode == "bookkeeping":
-            try:
-                check_bookkeeping(pl_module)
-            except ValueError as err:
-                raise PrivacyConfigError(str(err)) from None
-        if self.config.grad_sample_mode == "ghost" and not isinstance(
-            getattr(pl_module, "criterion", None), torch.nn.Module
-        ):
-            raise PrivacyConfigError(
-                "`grad_sample_mode: ghost` needs the task to compute its training loss through `self.criterion` "
-                f"(an nn.Module); {type(pl_module).__name__} has none."
-            )
+        replaced = prepare_model(pl_module, self.config.grad_sample_mode, self.replace_batchnorm)
+        if replaced:
+            log.warning("DifferentialPrivacy replaced BatchNorm by GroupNorm in: %s", ", ".join(replaced))
 
     # ---------------------------------------------------------------- on_fit_start: swap in the private pieces
     @override
@@ -142,9 +126,8 @@ class DifferentialPrivacy(Callback):
                 f"DifferentialPrivacy wraps exactly one optimizer; {type(pl_module).__name__}.configure_optimizers "
                 f"returned {len(optimizers)}. Use one optimizer with parameter groups instead."
             )
-        self._source = self._loader_source(trainer, pl_module)
-        original_loader_fn = self._source.train_dataloader
-        self.plan = engine.plan_sampling(original_loader_fn())
+        self._loader_patch = TrainLoaderPatch(trainer, pl_module)
+        self.plan = engine.plan_sampling(self._loader_patch.original())
         cfg, plan, world_size = self.config, self.plan, trainer.world_size
         self._world_size = world_size
         self._is_global_zero = trainer.is_global_zero
@@ -182,30 +165,17 @@ class DifferentialPrivacy(Callback):
         self.optimizer.attach_step_hook(self._on_dp_step)
         trainer.optimizers = [self.optimizer]  # schedulers keep working: DP optimizers share param_groups
         if cfg.grad_sample_mode == "ghost":
-            self._original_criterion = pl_module.criterion
-            delattr(pl_module, "criterion")
-            dp_criterion = engine.make_criterion(self._original_criterion, self._hooks, self.optimizer)
-
-            def counted_criterion(*args: Any, **kwargs: Any) -> Any:
-                self._dp_criterion_calls += 1
-                return dp_criterion(*args, **kwargs)
-
-            pl_module.criterion = counted_criterion  # type: ignore[assignment]
-
-        def private_train_dataloader() -> torch.utils.data.DataLoader:
-            loader = engine.make_loader(
-                original_loader_fn(),
-                cfg,
-                plan=plan,
-                optimizer=self.optimizer,
-                world_size=world_size,
-                generator=self._sampler_rng,
+            self._criterion = CriterionPatch(
+                pl_module, lambda criterion: engine.make_criterion(criterion, self._hooks, self.optimizer)
             )
-            loader._dplit_private = True  # type: ignore[attr-defined]
-            self._loader = loader
-            return loader
 
-        self._source.train_dataloader = private_train_dataloader
+        def make_private(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
+            self._loader = engine.make_loader(
+                loader, cfg, plan=plan, optimizer=self.optimizer, world_size=world_size, generator=self._sampler_rng
+            )
+            return self._loader
+
+        self._loader_patch.apply(make_private)
         log.info(
             "DP on: sigma=%.4g C=%g q=%.5g (B=%d, N=%d), %s accountant, delta=%g",
             self.noise_multiplier,
@@ -215,18 +185,6 @@ class DifferentialPrivacy(Callback):
             plan.dataset_size,
             cfg.accountant,
             cfg.delta,
-        )
-
-    def _loader_source(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and is_overridden("train_dataloader", datamodule):
-            return datamodule
-        if is_overridden("train_dataloader", pl_module):
-            return pl_module
-        raise PrivacyConfigError(
-            "DifferentialPrivacy must replace the train loader's sampling, which Lightning allows only for loaders "
-            "built by a LightningDataModule (or the module's `train_dataloader`). Pass `datamodule=...` to "
-            "`trainer.fit` instead of `train_dataloaders=...`."
         )
 
     def _restore(self, trainer: L.Trainer) -> None:
@@ -272,7 +230,6 @@ class DifferentialPrivacy(Callback):
             )
 
     @override
-    @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.config.grad_sample_mode == "bookkeeping" and self._hooks is not None:
             self._hooks.clip_into_grad()  # p.grad := sum of clipped per-example gradients
@@ -284,13 +241,13 @@ class DifferentialPrivacy(Callback):
                 raise RuntimeError("DifferentialPrivacy (book-keeping): the gradients of this step were not clipped.")
             self._bk_seen = self._hooks.batches_clipped
             return
-        if self.config.grad_sample_mode == "ghost":
-            if self._dp_criterion_calls == 0:
+        if self._criterion is not None:
+            if self._criterion.calls == 0:
                 raise RuntimeError(
                     "DifferentialPrivacy (ghost clipping): the training loss was not computed through "
                     "`self.criterion`, so gradients were not clipped. Compute the loss with `self.criterion(...)`."
                 )
-            self._dp_criterion_calls = 0
+            self._criterion.calls = 0
             return
         missing = [i for i, p in enumerate(self.optimizer.params) if getattr(p, "grad_sample", None) is None]
         if missing:
@@ -375,13 +332,12 @@ class DifferentialPrivacy(Callback):
             return
         self._hooks.remove_hooks()
         self._hooks = None
-        if self._original_criterion is not None:
-            delattr(pl_module, "criterion")
-            pl_module.criterion = self._original_criterion
-            self._original_criterion = None
-        if self._source is not None:
-            del self._source.train_dataloader  # back to the class method
-            self._source = None
+        if self._criterion is not None:
+            self._criterion.restore()
+            self._criterion = None
+        if self._loader_patch is not None:
+            self._loader_patch.restore()
+            self._loader_patch = None
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from dplit.privacy.bookkeeping import check_supported
+
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -96,6 +98,31 @@ def check_model(module: nn.Module, grad_sample_mode: str = "hooks") -> None:
         )
 
 
+def prepare_model(module: nn.Module, grad_sample_mode: str, fix_batchnorm: bool = False) -> list[str]:
+    """Everything checked on the model before DP training, with BatchNorm replaced first if asked.
+
+    Returns:
+        The names of replaced BatchNorm layers.
+
+    Raises:
+        IncompatibleModelError: a layer mixes examples or has no per-sample gradient rule in this mode, or ghost
+            clipping is asked of a task without a ``criterion`` module.
+    """
+    replaced = replace_batchnorm(module) if fix_batchnorm else []
+    check_model(module, grad_sample_mode)
+    if grad_sample_mode == "bookkeeping":
+        try:
+            check_supported(module)
+        except ValueError as err:
+            raise IncompatibleModelError(str(err)) from None
+    if grad_sample_mode == "ghost" and not isinstance(getattr(module, "criterion", None), nn.Module):
+        raise IncompatibleModelError(
+            "`grad_sample_mode: ghost` needs the task to compute its training loss through `self.criterion` "
+            f"(an nn.Module); {type(module).__name__} has none."
+        )
+    return replaced
+
+
 def trainable_parameter_count(module: nn.Module) -> int:
     """Number of trainable scalars (used in logs and benchmarks)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -105,6 +132,7 @@ __all__ = [
     "IncompatibleModelError",
     "batchnorm_layers",
     "check_model",
+    "prepare_model",
     "replace_batchnorm",
     "trainable_parameter_count",
 ]
