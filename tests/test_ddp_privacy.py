@@ -84,3 +84,16 @@ def test_ddp_final_parameters_equal_a_one_process_dp_sgd_with_the_same_samples_a
         params = params - lr * (clipped + noise) / b
     torch.testing.assert_close(params, ranks[0]["steps"][-1]["after"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(params, ranks[1]["steps"][-1]["after"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.ddp
+def test_ddp_spawn_trains_privately(tmp_path):
+    """strategy=ddp_spawn (processes started by multiprocessing, no script relaunch): the run completes, and the
+    epsilon rank 0 reports back to the main process is the single-process value for the same global q."""
+    dp = DifferentialPrivacy(noise_multiplier=2.0, max_grad_norm=1.0, delta=1e-3, seed=11)
+    t = trainer(
+        tmp_path, [dp], strategy="ddp_spawn", devices=2, use_distributed_sampler=False, max_steps=3, log_every_n_steps=1
+    )
+    t.fit(tiny_task(lr=1.0, hidden=256), datamodule=TinyData(n=400, batch_size=40))
+    assert t.callback_metrics["privacy/steps"].item() == 3
+    assert t.callback_metrics["privacy/epsilon"].item() == pytest.approx(rdp_epsilon(0.1, 2.0, 3, 1e-3), rel=0.01)
