@@ -16,6 +16,7 @@ from dplit.privacy import budget, engine
 from dplit.privacy.accounting import PrivacyAccountant
 from dplit.privacy.compat import prepare_model
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
+from dplit.privacy.grad_samplers import keep_for_dp
 from dplit.privacy.ledger import PrivacyLedger
 from dplit.privacy.resume import check_same_privacy, open_ledger
 from dplit.privacy.rng import make_generators, restore_generators
@@ -332,6 +333,7 @@ class DifferentialPrivacy(Callback):
             return
         self._hooks.remove_hooks()
         self._hooks = None
+        keep_for_dp(pl_module, False)
         if self._criterion is not None:
             self._criterion.restore()
             self._criterion = None

@@ -2,5 +2,6 @@
 
 from dplit.data.base import GroupedTensorDataset, eval_dataloader
 from dplit.data.mnist import ImbalancedMNISTDataModule
+from dplit.data.tweets import TweetsDataModule
 
-__all__ = ["ImbalancedMNISTDataModule", "GroupedTensorDataset", "eval_dataloader"]
+__all__ = ["ImbalancedMNISTDataModule", "GroupedTensorDataset", "TweetsDataModule", "eval_dataloader"]

@@ -1,5 +1,9 @@
 """Plain ``nn.Module`` backbones (no Lightning, no DP code)."""
 
+from dplit.models.bilstm import BiLSTMClassifier
 from dplit.models.cnn import MnistCNN
+from dplit.models.embedding import HashedWordEmbedding
+from dplit.models.lstm import LSTM, LSTMScan
+from dplit.models.transformer import TransformerClassifier
 
-__all__ = ["MnistCNN"]
+__all__ = ["LSTM", "BiLSTMClassifier", "HashedWordEmbedding", "LSTMScan", "MnistCNN", "TransformerClassifier"]

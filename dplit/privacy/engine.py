@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from dplit.privacy.bookkeeping import BookKeeping
 from dplit.privacy.config import PrivacyConfig
+from dplit.privacy.grad_samplers import keep_for_dp
 
 # Opacus' backward hooks fire on module outputs when the input needs no grad (always, for a first layer): harmless.
 warnings.filterwarnings("ignore", message=r"Full backward hook is firing when gradients are computed with respect")
@@ -72,6 +73,7 @@ def attach_hooks(module: nn.Module, config: PrivacyConfig):
 
     Returns the Opacus hooks object; keep it alive for as long as training runs, and call ``remove_hooks()``.
     """
+    keep_for_dp(module)  # LSTMScan layers keep their gate gradients for the per-example rules
     if config.grad_sample_mode == "bookkeeping":
         return BookKeeping(module, config.max_grad_norm)
     kwargs: dict = {"batch_first": True, "loss_reduction": "mean", "strict": True}

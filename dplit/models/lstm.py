@@ -1,0 +1,240 @@
+"""A (bi)directional multi-layer LSTM whose per-example gradients cost one einsum per weight, not one hook per step.
+
+Opacus' ``DPLSTM`` unrolls the recurrence into Python-level cells, so per-sample gradients are captured by a hook
+at every timestep of every layer (512 hook calls for a 2-layer BiLSTM over 64 tokens). Here each layer is
+
+* ``ih``: an ``nn.Linear(in, D*4H)`` applied once to the whole sequence (the input projections of all timesteps
+  and both directions, with the bias); per-example gradients are those of any sequence Linear layer;
+* ``hh``: an :class:`LSTMScan` holding the recurrent weights ``[D, 4H, H]``. Its forward runs the recurrence over
+  the projected inputs (no autograd graph per step) and its backward is hand-written backpropagation through
+  time, which yields the gate pre-activation gradients ``dz`` of every timestep at once. ``dz`` is the gradient
+  flowing into ``ih`` (so that layer needs nothing special) and, with the previous hidden states ``h_{t-1}``, gives
+  each example's recurrent-weight gradient ``sum_t dz_t h_{t-1}^T``: one einsum over all timesteps.
+
+Padding: ``mask[b, t]`` (True for real tokens) freezes the state at padded positions, so padded timesteps carry
+no gradient and a right-padded sequence gives the same final states as the unpadded one (for both directions).
+Gate order within ``4H`` is ``i, f, o, g``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _ScanFn(torch.autograd.Function):
+    """``h = scan(xproj, weight)`` for D directions; saves what the hand-written backward needs."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, xproj: Tensor, weight: Tensor, mask: Tensor, module: LSTMScan
+    ) -> Tensor:
+        b, t_len, _ = xproj.shape
+        d, four_h, h_dim = weight.shape
+        xs = _to_time_major(xproj.view(b, t_len, d, four_h))  # [T, D, B, 4H], each direction in its own time order
+        m = _to_time_major(mask[:, :, None].expand(b, t_len, d)[..., None])  # [T, D, B, 1] bool
+        wt = weight.transpose(1, 2)  # [D, H, 4H]
+        h = xproj.new_zeros(d, b, h_dim)
+        c = xproj.new_zeros(d, b, h_dim)
+        acts = xproj.new_empty(t_len, d, b, four_h)
+        c_new_all = xproj.new_empty(t_len, d, b, h_dim)
+        h_prev = xproj.new_empty(t_len, d, b, h_dim)
+        c_prev = xproj.new_empty(t_len, d, b, h_dim)
+        three_h = 3 * h_dim
+        for t in range(t_len):
+            h_prev[t] = h
+            c_prev[t] = c
+            z = torch.baddbmm(xs[t], h, wt)  # [D, B, 4H]
+            a = acts[t]
+            torch.sigmoid(z[..., :three_h], out=a[..., :three_h])
+            torch.tanh(z[..., three_h:], out=a[..., three_h:])
+            i, f, o, g = a[..., :h_dim], a[..., h_dim : 2 * h_dim], a[..., 2 * h_dim : three_h], a[..., three_h:]
+            cn = torch.addcmul(f * c, i, g)
+            c_new_all[t] = cn
+            hn = o * torch.tanh(cn)
+            c = torch.where(m[t], cn, c)
+            h = torch.where(m[t], hn, h)
+        out = torch.cat([h_prev[1:], h[None]], 0)  # h_t for t = 0..T-1, [T, D, B, H]
+        ctx.save_for_backward(weight, mask, acts, c_new_all, h_prev, c_prev)
+        ctx.module = module
+        if module.keep_for_dp:
+            module.saved_h_prev = h_prev
+        return _from_time_major(out).reshape(b, t_len, d * h_dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        weight, mask, acts, c_new_all, h_prev, c_prev = ctx.saved_tensors
+        t_len, d, b, four_h = acts.shape
+        h_dim = four_h // 4
+        three_h = 3 * h_dim
+        gy = _to_time_major(grad_out.reshape(b, t_len, d, h_dim))  # [T, D, B, H]
+        m = _to_time_major(mask[:, :, None].expand(b, t_len, d)[..., None]).to(grad_out.dtype)
+        dz_all = grad_out.new_empty(t_len, d, b, four_h)
+        dh = grad_out.new_zeros(d, b, h_dim)
+        dc = grad_out.new_zeros(d, b, h_dim)
+        for t in range(t_len - 1, -1, -1):
+            dh = dh + gy[t]
+            mt = m[t]
+            keep = 1.0 - mt
+            dht, dct = dh * mt, dc * mt
+            a = acts[t]
+            i, f, o, g = a[..., :h_dim], a[..., h_dim : 2 * h_dim], a[..., 2 * h_dim : three_h], a[..., three_h:]
+            tc = torch.tanh(c_new_all[t])
+            dct = dct + dht * o * (1.0 - tc * tc)
+            dz = dz_all[t]
+            dz[..., :h_dim] = dct * g * i * (1.0 - i)
+            dz[..., h_dim : 2 * h_dim] = dct * c_prev[t] * f * (1.0 - f)
+            dz[..., 2 * h_dim : three_h] = dht * tc * o * (1.0 - o)
+            dz[..., three_h:] = dct * i * (1.0 - g * g)
+            dc = dct * f + dc * keep
+            dh = torch.bmm(dz, weight) + dh * keep  # [D, B, H]
+        grad_x = _from_time_major(dz_all).reshape(b, t_len, d * four_h) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            # sum over timesteps and examples of dz_t h_{t-1}^T, per direction
+            grad_w = torch.bmm(
+                dz_all.permute(1, 3, 0, 2).reshape(d, four_h, t_len * b),
+                h_prev.permute(1, 0, 2, 3).reshape(d, t_len * b, h_dim),
+            )
+        module: LSTMScan = ctx.module
+        if module.keep_for_dp:
+            module.saved_dz = dz_all
+            module.saved_grad_out = grad_out
+        return grad_x, grad_w, None, None
+
+
+def _to_time_major(x: Tensor) -> Tensor:
+    """``[B, T, D, ...]`` -> ``[T, D, B, ...]`` with direction 1 (if any) reversed in time."""
+    x = x.transpose(0, 1).transpose(1, 2)  # [T, D, B, ...]
+    if x.shape[1] == 1:
+        return x.contiguous()
+    return torch.stack([x[:, 0], x[:, 1].flip(0)], 1)
+
+
+def _from_time_major(x: Tensor) -> Tensor:
+    """Inverse of :func:`_to_time_major`: ``[T, D, B, ...]`` -> ``[B, T, D, ...]``."""
+    if x.shape[1] == 2:
+        x = torch.stack([x[:, 0], x[:, 1].flip(0)], 1)
+    return x.transpose(1, 2).transpose(0, 1)
+
+
+class LSTMScan(nn.Module):
+    """The recurrent part of one LSTM layer (``D`` directions): ``h = scan(xproj)``, with weight ``[D, 4H, H]``.
+
+    Set ``keep_for_dp = True`` (done by the DP engine) to keep, after each backward, the gate gradients
+    ``saved_dz`` ``[T, D, B, 4H]`` and previous hidden states ``saved_h_prev`` ``[T, D, B, H]`` (each direction in
+    its own time order), from which per-example gradients of ``weight`` are formed.
+    """
+
+    def __init__(self, hidden_size: int, num_directions: int = 1) -> None:
+        super().__init__()
+        if num_directions not in (1, 2):
+            raise ValueError(f"num_directions must be 1 or 2, got {num_directions}")
+        self.hidden_size = hidden_size
+        self.num_directions = num_directions
+        self.weight = nn.Parameter(torch.empty(num_directions, 4 * hidden_size, hidden_size))
+        self.keep_for_dp = False
+        self.saved_dz: Tensor | None = None
+        self.saved_h_prev: Tensor | None = None
+        self.saved_grad_out: Tensor | None = None
+
+    def forward(self, xproj: Tensor, mask: Tensor) -> Tensor:
+        """``xproj`` ``[B, T, D*4H]`` (input projections incl. bias), ``mask`` ``[B, T]`` bool -> ``[B, T, D*H]``."""
+        return _ScanFn.apply(xproj, self.weight, mask, self)  # type: ignore[no-any-return]
+
+    def per_example_grad(self) -> Tensor:
+        """Per-example gradients ``[B, D, 4H, H]`` of the last backward (needs ``keep_for_dp``)."""
+        if self.saved_dz is None or self.saved_h_prev is None:
+            raise RuntimeError("LSTMScan.per_example_grad: no saved backward (set keep_for_dp before the forward)")
+        return torch.einsum("tdbg,tdbh->bdgh", self.saved_dz, self.saved_h_prev)
+
+    def clear_saved(self) -> None:
+        self.saved_dz = self.saved_h_prev = self.saved_grad_out = None
+
+
+class LSTM(nn.Module):
+    """Batch-first multi-layer (bi)directional LSTM built from :class:`LSTMScan` layers (see the module docstring).
+
+    Args:
+        input_size: features per timestep.
+        hidden_size: H, per direction.
+        num_layers: stacked layers; layer ``l > 0`` reads the ``D*H`` outputs of layer ``l - 1``.
+        bidirectional: D = 2 when True.
+        dropout: dropout between layers (not after the last), as in ``nn.LSTM``.
+
+    ``forward(x [B, T, in], mask [B, T] bool)`` returns ``(outputs [B, T, D*H], final [B, D*H])`` where ``final``
+    holds the last layer's final state of each direction (forward: after the last real token; backward: at t=0).
+    Initialisation is ``nn.LSTM``'s: U(-1/sqrt(H), 1/sqrt(H)) for every weight and bias.
+    """
+
+    def __init__(
+        self, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if input_size < 1 or hidden_size < 1 or num_layers < 1:
+            raise ValueError(
+                f"LSTM sizes must be >= 1 (input_size {input_size}, hidden_size {hidden_size}, num_layers {num_layers})"
+            )
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_directions = 2 if bidirectional else 1
+        d = self.num_directions
+        self.ih = nn.ModuleList(
+            nn.Linear(input_size if layer == 0 else d * hidden_size, d * 4 * hidden_size) for layer in range(num_layers)
+        )
+        self.hh = nn.ModuleList(LSTMScan(hidden_size, d) for _ in range(num_layers))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and num_layers > 1 else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = self.hidden_size**-0.5
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        b, t_len, _ = x.shape
+        if mask is None:
+            mask = torch.ones(b, t_len, dtype=torch.bool, device=x.device)
+        out = x
+        for layer, (ih, hh) in enumerate(zip(self.ih, self.hh)):
+            if layer > 0 and self.dropout is not None:
+                out = self.dropout(out)
+            out = hh(ih(out), mask)
+        h = self.hidden_size
+        if t_len == 0:
+            return out, out.new_zeros(b, self.num_directions * h)
+        final = out[:, -1, :h]  # forward direction: state frozen after the last real token
+        if self.num_directions == 2:
+            final = torch.cat([final, out[:, 0, h:]], 1)
+        return out, final
+
+    @classmethod
+    def from_torch(cls, lstm: nn.LSTM) -> LSTM:
+        """Copy the weights of a batch-first ``nn.LSTM`` (gate order i, f, g, o; two biases) into this layout."""
+        if not lstm.batch_first or lstm.proj_size:
+            raise ValueError("from_torch needs a batch_first nn.LSTM without projections")
+        new = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bidirectional)
+        h = lstm.hidden_size
+        order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
+        with torch.no_grad():
+            for layer in range(lstm.num_layers):
+                w_ih, w_hh, bias = [], [], []
+                for suffix in [""] + (["_reverse"] if lstm.bidirectional else []):
+                    get: dict[str, Tensor] = {
+                        name: getattr(lstm, f"{name}_l{layer}{suffix}")
+                        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                    }
+                    w_ih.append(get["weight_ih"][order])
+                    w_hh.append(get["weight_hh"][order])
+                    bias.append((get["bias_ih"] + get["bias_hh"])[order])
+                ih, hh = new.ih[layer], new.hh[layer]
+                assert isinstance(ih, nn.Linear) and isinstance(hh, LSTMScan)
+                ih.weight.copy_(torch.cat(w_ih))
+                ih.bias.copy_(torch.cat(bias))
+                hh.weight.copy_(torch.stack(w_hh))
+        return new
+
+
+__all__ = ["LSTM", "LSTMScan"]
