@@ -38,11 +38,11 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench_common import timed_trainer
 from bench_text import TEXT_CONFIGS, TEXT_MEMORY_CONFIGS, run_text, text_summary
 
 CONFIGS = ("nodp", "dp_ghost", "dp_hooks", "raw_ghost", "raw_hooks", "raw_nodp", "dp_bookkeeping")
@@ -169,16 +169,6 @@ def _run_lightning(args: argparse.Namespace, timer: StepTimer) -> dict[str, Any]
     from dplit.models import MnistCNN
     from dplit.tasks import ClassificationTask
 
-    class Timing(Callback):
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            timer.peak.reset()  # model, optimizer (DP-wrapped), data and loaders all exist by now
-
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            timer.start(len(batch[1]))
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            timer.end()
-
     L.seed_everything(args.seed, verbose=False)
     task = ClassificationTask(MnistCNN(), optimizer="sgd", lr=LR)
     callbacks: list[Callback] = []
@@ -196,20 +186,7 @@ def _run_lightning(args: argparse.Namespace, timer: StepTimer) -> dict[str, Any]
                 seed=args.seed,  # the same Poisson batch sizes in dp_ghost and dp_hooks
             )
         )
-    callbacks.append(Timing())  # after DifferentialPrivacy: its on_train_batch_end is inside the step time
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tempfile.mkdtemp(prefix="dplit-bench-"),  # the DP callback's ledger goes there
-        max_steps=timer.total,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    trainer = timed_trainer(timer, callbacks)
     dm = _datamodule(args)
     trainer.fit(task, datamodule=dm)
     return {"train_size": dm.train_size}

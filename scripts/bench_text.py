@@ -93,19 +93,9 @@ def run_text(args: Any, timer: Any) -> dict[str, Any]:
     """One text configuration through Lightning; ``timer`` is bench_dp_overhead's StepTimer."""
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import Callback
+    from bench_common import timed_trainer
 
     from dplit.tasks import ClassificationTask
-
-    class Timing(Callback):
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            timer.peak.reset()
-
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            timer.start(len(batch[1]))
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            timer.end()
 
     config: str = args.worker
     L.seed_everything(args.seed, verbose=False)
@@ -115,7 +105,7 @@ def run_text(args: Any, timer: Any) -> dict[str, Any]:
     else:
         backbone = _bilstm({"bilstm_torch_nodp": "torch", "bilstm_opacus_dp": "opacus"}.get(config, "dplit"))
     task = ClassificationTask(backbone, optimizer="adam", lr=TEXT_LR)
-    callbacks: list[Callback] = []
+    callbacks: list[Any] = []
     if "_dp" in config:
         from dplit.callbacks import DifferentialPrivacy
 
@@ -124,20 +114,7 @@ def run_text(args: Any, timer: Any) -> dict[str, Any]:
             noise_multiplier=TEXT_SIGMA, max_grad_norm=TEXT_C, grad_sample_mode=mode, seed=args.seed
         )
         callbacks.append(dp)
-    callbacks.append(Timing())
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=__import__("tempfile").mkdtemp(prefix="dplit-bench-text-"),
-        max_steps=timer.total,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    trainer = timed_trainer(timer, callbacks, prefix="dplit-bench-text-")
     n = args.text_batch_size * 40
     trainer.fit(task, datamodule=token_data(n, args.text_tokens, args.text_batch_size, minilm, args.seed))
     params = sum(p.numel() for p in backbone.parameters() if p.requires_grad)

@@ -1,0 +1,37 @@
+"""Pieces shared by the benchmark scripts: the timing callback and the bare Lightning trainer they time."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+
+def timed_trainer(timer: Any, callbacks: list[Any], prefix: str = "dplit-bench-") -> Any:
+    """A CPU Trainer running ``timer.total`` steps, no validation/logging/checkpoints, with a timing callback added
+    after ``callbacks`` (so a DP callback's per-step work is inside the step time)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    class Timing(Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            timer.peak.reset()  # model, optimizer (DP-wrapped), data and loaders all exist by now
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            timer.start(len(batch[1]))
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            timer.end()
+
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=tempfile.mkdtemp(prefix=prefix),  # the DP callback's ledger goes there
+        max_steps=timer.total,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, Timing()],
+    )
