@@ -66,10 +66,11 @@ def test_dp_bilstm_learns_sentiment_and_logs_dialect_groups(tmp_path, tweets_roo
     assert 0.0 < backbone.embedding.oov_rate(x) < 0.3
 
 
-def test_hooks_and_bookkeeping_train_the_same_model(tmp_path, tweets_root):
-    """Two independent per-example paths (Opacus hooks with the LSTM's einsum rule and Opacus' dense embedding
-    rule; book-keeping with ghost norms and sparse embedding norms), same sampling and noise seed: same weights."""
-    _, _, hooks_model, _ = _fit(tmp_path / "a", tweets_root, "hooks", epochs=1)
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_opacus_modes_and_bookkeeping_train_the_same_model(tmp_path, tweets_root, mode):
+    """Independent per-example paths (Opacus hooks or ghost clipping, with the LSTM's einsum rule and Opacus' dense
+    embedding rule; book-keeping with ghost norms and sparse embedding norms), same sampling and noise: same model."""
+    _, _, hooks_model, _ = _fit(tmp_path / "a", tweets_root, mode, epochs=1)
     _, _, bk_model, _ = _fit(tmp_path / "b", tweets_root, "bookkeeping", epochs=1)
     _, _, nodp_model, _ = _fit(tmp_path / "c", tweets_root, None, epochs=1)
     L.seed_everything(0, verbose=False)
