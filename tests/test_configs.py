@@ -113,6 +113,17 @@ def test_missing_data_gives_the_options(tmp_path, monkeypatch):
         )
 
 
+def test_tweets_config_without_data_names_both_options(tmp_path, monkeypatch, capsys):
+    """The headline run with no data: one message with both fixes, no traceback, nothing half-written."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", f"--config={ROOT / 'configs' / 'tweets_dp.yaml'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "data.root" in err and "download" in err and "sae_happy" in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("runs/*/version_0/checkpoints/*.ckpt"))
+
+
 def test_epsilon_command_through_the_entry_point(capsys):
     code = main(
         ["epsilon", "--dataset-size=60000", "--batch-size=256", "--epochs=60", "--noise-multiplier=0.8", "--delta=1e-6"]

@@ -89,3 +89,10 @@ def test_padding_rows_never_change(tmp_path, tweets_root):
     with torch.no_grad():
         out = backbone.embedding(torch.zeros(2, 5, dtype=torch.int64))
     assert out.abs().max() == 0
+
+
+def test_functorch_mode_is_refused_with_the_alternatives(tmp_path, tweets_root):
+    from dplit.privacy.compat import IncompatibleModelError
+
+    with pytest.raises(IncompatibleModelError, match=r"functorch.*lstm\.hh\.0.*bookkeeping"):
+        _fit(tmp_path, tweets_root, "functorch", epochs=1)

@@ -64,7 +64,7 @@ class TweetsDataModule(L.LightningDataModule):
             ``TwitterAAE-full-v1/twitteraae_all`` or inside ``TwitterAAE-full-v1.zip``), labelled with the
             Elazar & Goldberg recipe of :mod:`dplit.data.twitteraae_raw`.
         source: ``"labelled"``, ``"raw"``, or ``"auto"``: labelled when all four files are in ``root``, else raw.
-        download: When the raw corpus is missing, download ``TwitterAAE-full-v1.zip`` (5.5 GB) from the TwitterAAE
+        download: When the raw corpus is missing, download ``TwitterAAE-full-v1.zip`` (several GB) from the TwitterAAE
             page into ``root`` and extract ``twitteraae_all``.
         train_sizes: Training tweets per group (``"SAE"``, ``"AAE"``), half happy and half sad; even numbers.
             Default: the paper's ``{"SAE": 60000, "AAE": 1000}``.
@@ -200,7 +200,7 @@ class TweetsDataModule(L.LightningDataModule):
             f"{', '.join(LABELLED_FILES)} (missing: {', '.join(missing) or 'none'}) and for the raw corpus {RAW_NAME} "
             f"(also as {Path(ARCHIVE_NAME).stem}/{RAW_NAME} or inside {ARCHIVE_NAME}). Either put the four labelled "
             f"files (one tweet a line, e.g. from {SENTIMENT_SOURCE}) or the raw {RAW_NAME} in data.root, or set "
-            f"`data.download: true` to fetch {ARCHIVE_URL} (5.5 GB) into data.root."
+            f"`data.download: true` to fetch {ARCHIVE_URL} (several GB) into data.root."
         )
 
     def prepare_data(self) -> None:

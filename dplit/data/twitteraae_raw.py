@@ -65,7 +65,7 @@ __all__ = [
 
 CELLS = LABELLED_FILES  # ("aae_happy", "aae_sad", "sae_happy", "sae_sad")
 ARCHIVE_URL = "http://slanglab.cs.umass.edu/TwitterAAE/TwitterAAE-full-v1.zip"  # linked from the TwitterAAE page
-ARCHIVE_NAME = "TwitterAAE-full-v1.zip"  # 5.5 GB
+ARCHIVE_NAME = "TwitterAAE-full-v1.zip"  # several GB (59M tweets)
 RAW_NAME = "twitteraae_all"  # the archive member TwitterAAE-full-v1/twitteraae_all
 N_FIELDS = 10
 HAPPY = (":)", ":-)", ":]", ":D", ":-D", "=)", "=D", ";)", ";-)", "^_^", "(:", "😀", "😁", "😂", "😃", "😄", "😆",
