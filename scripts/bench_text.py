@@ -126,8 +126,12 @@ def text_summary(runs: dict[str, list[dict[str, Any]]], memory: dict[str, dict[s
     import statistics
 
     us = {c: 1e6 * statistics.median(r["ex_med_s"] for r in v) for c, v in runs.items() if v}
+    best = {c: 1e6 * min(r["ex_med_s"] for r in v) for c, v in runs.items() if v}  # the least disturbed run
     peak = {c: m["peak_mb"] for c, m in memory.items()}
     out: dict[str, Any] = {
+        "bilstm_dp_over_nondp_best": best["bilstm_dp"] / best["bilstm_nodp"],
+        "bilstm_dp_over_torch_lstm_nondp_best": best["bilstm_dp"] / best["bilstm_torch_nodp"],
+        "minilm_dp_over_nondp_best": best["minilm_dp"] / best["minilm_nodp"],
         "bilstm_dp_over_nondp": us["bilstm_dp"] / us["bilstm_nodp"],
         "bilstm_dp_over_torch_lstm_nondp": us["bilstm_dp"] / us["bilstm_torch_nodp"],
         "bilstm_dp_mem_over_nondp": peak["bilstm_dp"] / peak["bilstm_nodp"],
