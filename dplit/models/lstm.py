@@ -25,7 +25,12 @@ from torch import Tensor, nn
 
 
 class _ScanFn(torch.autograd.Function):
-    """``h = scan(xproj, weight)`` for D directions; saves what the hand-written backward needs."""
+    """``h = scan(xproj, weight)`` for D directions; saves what the hand-written backward needs.
+
+    Layouts: the loop works on time-major ``[T, D, B, .]`` tensors (each direction in its own time order), while the
+    previous hidden states and gate gradients kept for per-example gradients are ``[D, B, T, .]``, so their
+    per-direction, per-example and summed products are views and batched matrix products, without copies.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -33,18 +38,18 @@ class _ScanFn(torch.autograd.Function):
     ) -> Tensor:
         b, t_len, _ = xproj.shape
         d, four_h, h_dim = weight.shape
-        xs = _to_time_major(xproj.view(b, t_len, d, four_h))  # [T, D, B, 4H], each direction in its own time order
+        xs = _to_time_major(xproj.view(b, t_len, d, four_h))  # [T, D, B, 4H]
         m = _to_time_major(mask[:, :, None].expand(b, t_len, d)[..., None])  # [T, D, B, 1] bool
         wt = weight.transpose(1, 2)  # [D, H, 4H]
         h = xproj.new_zeros(d, b, h_dim)
         c = xproj.new_zeros(d, b, h_dim)
         acts = xproj.new_empty(t_len, d, b, four_h)
         c_new_all = xproj.new_empty(t_len, d, b, h_dim)
-        h_prev = xproj.new_empty(t_len, d, b, h_dim)
         c_prev = xproj.new_empty(t_len, d, b, h_dim)
+        h_prev = xproj.new_empty(d, b, t_len, h_dim)  # [D, B, T, H]
         three_h = 3 * h_dim
         for t in range(t_len):
-            h_prev[t] = h
+            h_prev[:, :, t] = h
             c_prev[t] = c
             z = torch.baddbmm(xs[t], h, wt)  # [D, B, 4H]
             a = acts[t]
@@ -56,12 +61,12 @@ class _ScanFn(torch.autograd.Function):
             hn = o * torch.tanh(cn)
             c = torch.where(m[t], cn, c)
             h = torch.where(m[t], hn, h)
-        out = torch.cat([h_prev[1:], h[None]], 0)  # h_t for t = 0..T-1, [T, D, B, H]
+        out = torch.cat([h_prev[:, :, 1:], h[:, :, None]], 2)  # h_t for t = 0..T-1, [D, B, T, H]
         ctx.save_for_backward(weight, mask, acts, c_new_all, h_prev, c_prev)
         ctx.module = module
         if module is not None:
             module.saved_h_prev = h_prev
-        return _from_time_major(out).reshape(b, t_len, d * h_dim)
+        return _dbt_to_batch_first(out)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -71,7 +76,7 @@ class _ScanFn(torch.autograd.Function):
         three_h = 3 * h_dim
         gy = _to_time_major(grad_out.reshape(b, t_len, d, h_dim))  # [T, D, B, H]
         m = _to_time_major(mask[:, :, None].expand(b, t_len, d)[..., None]).to(grad_out.dtype)
-        dz_all = grad_out.new_empty(t_len, d, b, four_h)
+        dz_all = grad_out.new_empty(d, b, t_len, four_h)  # [D, B, T, 4H]
         dh = grad_out.new_zeros(d, b, h_dim)
         dc = grad_out.new_zeros(d, b, h_dim)
         for t in range(t_len - 1, -1, -1):
@@ -83,22 +88,19 @@ class _ScanFn(torch.autograd.Function):
             i, f, o, g = a[..., :h_dim], a[..., h_dim : 2 * h_dim], a[..., 2 * h_dim : three_h], a[..., three_h:]
             tc = torch.tanh(c_new_all[t])
             dct = dct + dht * o * (1.0 - tc * tc)
-            dz = dz_all[t]
-            dz[..., :h_dim] = dct * g * i * (1.0 - i)
-            dz[..., h_dim : 2 * h_dim] = dct * c_prev[t] * f * (1.0 - f)
-            dz[..., 2 * h_dim : three_h] = dht * tc * o * (1.0 - o)
-            dz[..., three_h:] = dct * i * (1.0 - g * g)
+            dz = torch.cat(
+                [dct * g * i * (1.0 - i), dct * c_prev[t] * f * (1.0 - f), dht * tc * o * (1.0 - o),
+                 dct * i * (1.0 - g * g)], -1,
+            )  # fmt: skip
+            dz_all[:, :, t] = dz
             dc = dct * f + dc * keep
             dh = torch.bmm(dz, weight) + dh * keep  # [D, B, H]
-        grad_x = _from_time_major(dz_all).reshape(b, t_len, d * four_h) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            # sum over timesteps and examples of dz_t h_{t-1}^T, per direction
-            grad_w = torch.bmm(
-                dz_all.permute(1, 3, 0, 2).reshape(d, four_h, t_len * b),
-                h_prev.permute(1, 0, 2, 3).reshape(d, t_len * b, h_dim),
-            )
+        grad_x = _dbt_to_batch_first(dz_all) if ctx.needs_input_grad[0] else None
         module: LSTMScan | None = ctx.module
+        grad_w = None
+        if ctx.needs_input_grad[1] and not (module is not None and module.weight_grad_by_dp):
+            # sum over timesteps and examples of dz_t h_{t-1}^T, per direction
+            grad_w = torch.bmm(dz_all.view(d, b * t_len, four_h).transpose(1, 2), h_prev.view(d, b * t_len, h_dim))
         if module is not None:
             module.saved_dz = dz_all
             module.saved_grad_out = grad_out
@@ -113,19 +115,21 @@ def _to_time_major(x: Tensor) -> Tensor:
     return torch.stack([x[:, 0], x[:, 1].flip(0)], 1)
 
 
-def _from_time_major(x: Tensor) -> Tensor:
-    """Inverse of :func:`_to_time_major`: ``[T, D, B, ...]`` -> ``[B, T, D, ...]``."""
-    if x.shape[1] == 2:
-        x = torch.stack([x[:, 0], x[:, 1].flip(0)], 1)
-    return x.transpose(1, 2).transpose(0, 1)
+def _dbt_to_batch_first(x: Tensor) -> Tensor:
+    """``[D, B, T, F]`` (direction 1 reversed in time) -> ``[B, T, D*F]`` in the input's time order."""
+    d, b, t_len, f = x.shape
+    if d == 2:
+        x = torch.stack([x[0], x[1].flip(1)], 0)
+    return x.permute(1, 2, 0, 3).reshape(b, t_len, d * f)
 
 
 class LSTMScan(nn.Module):
     """The recurrent part of one LSTM layer (``D`` directions): ``h = scan(xproj)``, with weight ``[D, 4H, H]``.
 
     Set ``keep_for_dp = True`` (done by the DP engine) to keep, after each backward, the gate gradients
-    ``saved_dz`` ``[T, D, B, 4H]`` and previous hidden states ``saved_h_prev`` ``[T, D, B, H]`` (each direction in
-    its own time order), from which per-example gradients of ``weight`` are formed.
+    ``saved_dz`` ``[D, B, T, 4H]`` and previous hidden states ``saved_h_prev`` ``[D, B, T, H]`` (each direction in
+    its own time order), from which per-example gradients of ``weight`` are formed. ``weight_grad_by_dp = True``
+    (set by book-keeping clipping, which writes ``weight.grad`` itself) skips the summed weight gradient.
     """
 
     def __init__(self, hidden_size: int, num_directions: int = 1) -> None:
@@ -136,6 +140,7 @@ class LSTMScan(nn.Module):
         self.num_directions = num_directions
         self.weight = nn.Parameter(torch.empty(num_directions, 4 * hidden_size, hidden_size))
         self.keep_for_dp = False
+        self.weight_grad_by_dp = False
         self.saved_dz: Tensor | None = None
         self.saved_h_prev: Tensor | None = None
         self.saved_grad_out: Tensor | None = None
@@ -150,7 +155,7 @@ class LSTMScan(nn.Module):
         """Per-example gradients ``[B, D, 4H, H]`` of the last backward (needs ``keep_for_dp``)."""
         if self.saved_dz is None or self.saved_h_prev is None:
             raise RuntimeError("LSTMScan.per_example_grad: no saved backward (set keep_for_dp before the forward)")
-        return torch.einsum("tdbg,tdbh->bdgh", self.saved_dz, self.saved_h_prev)
+        return torch.einsum("dbtg,dbth->bdgh", self.saved_dz, self.saved_h_prev)
 
     def clear_saved(self) -> None:
         self.saved_dz = self.saved_h_prev = self.saved_grad_out = None

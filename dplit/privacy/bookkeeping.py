@@ -71,7 +71,7 @@ class BookKeeping:
         self._handles = []
         for m in self.layers:
             if isinstance(m, LSTMScan):  # its backward keeps what is needed (no hooks: see _capture)
-                m.keep_for_dp = True
+                m.keep_for_dp = m.weight_grad_by_dp = True
                 continue
             self._handles.append(m.register_forward_hook(self._forward_hook))
             self._handles.append(m.register_full_backward_hook(self._backward_hook))
@@ -90,12 +90,15 @@ class BookKeeping:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for m in self.layers:
+            if isinstance(m, LSTMScan):
+                m.weight_grad_by_dp = False
 
     def _capture(self, m: nn.Module) -> dict[str, torch.Tensor] | None:
         if isinstance(m, LSTMScan):
             if m.saved_dz is None or m.saved_h_prev is None:
                 return None
-            entry = {"a": m.saved_h_prev, "g": m.saved_dz}  # [T, D, B, H], [T, D, B, 4H]
+            entry = {"a": m.saved_h_prev, "g": m.saved_dz}  # [D, B, T, H], [D, B, T, 4H]
             m.clear_saved()
             return entry
         return self._store.get(m)
@@ -121,15 +124,16 @@ class BookKeeping:
         sq_norms = torch.zeros(n, dtype=torch.float64, device=self.layers[0].weight.device)
         for m, e in entries:
             assert e is not None
-            # the loss is a mean over the n examples: each example's own gradient is n * (its share)
-            e["g"] = e["g"] * n
+            # the loss is a mean over the n examples: each example's own gradient is n * (its share); every rule
+            # is linear in g, so the factor goes on the squared norms (n^2) and the clip factors (n), not on g
             grads = self._per_example(m, e)  # conv: [n, out, in*k*k]; linear: None (ghost norm)
-            sq = self._sq_norm(m, e, grads)
+            sq = self._sq_norm(m, e, grads) * (n * n)
             sq_norms += sq.double()
             per_layer.append((m, e, grads))
         norms = sq_norms.sqrt()
         self.last_norms = norms.float()
         coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0).to(self.layers[0].weight.dtype)  # [n]
+        coef = coef * n  # applied to the captured (mean-loss) gradients: see above
         for m, e, grads in per_layer:
             self._write_clipped(m, e, grads, coef)
         self._store.clear()
@@ -150,11 +154,10 @@ class BookKeeping:
         if isinstance(m, nn.Embedding):
             return _embedding_sq_norm(m, e["a"], e["g"])
         if isinstance(m, LSTMScan):
-            a4, g4 = e["a"], e["g"]  # [T, D, B, H], [T, D, B, 4H]
-            t_len, d, nb = a4.shape[:3]
-            a3 = a4.permute(2, 1, 0, 3).reshape(nb * d, t_len, -1)
-            g3 = g4.permute(2, 1, 0, 3).reshape(nb * d, t_len, -1)
-            return _seq_sq_norm(a3, g3).view(nb, d).sum(1)
+            a4, g4 = e["a"], e["g"]  # [D, B, T, H], [D, B, T, 4H]
+            d, nb, t_len = a4.shape[:3]
+            a3, g3 = a4.reshape(d * nb, t_len, -1), g4.reshape(d * nb, t_len, -1)  # views
+            return _seq_sq_norm(a3, g3).view(d, nb).sum(0)
         a, g = e["a"], e["g"]
         n = len(a)
         if grads is not None:  # conv
@@ -180,12 +183,12 @@ class BookKeeping:
             m.weight.grad = torch.zeros_like(m.weight).index_add_(0, ids.reshape(-1), rows.to(m.weight.dtype))
             return
         if isinstance(m, LSTMScan):
-            a4, g4 = e["a"], e["g"]  # [T, D, B, H], [T, D, B, 4H]
-            t_len, d, nb, h = a4.shape
-            gc = g4 * coef[None, None, :, None]
-            m.weight.grad = torch.bmm(
-                gc.permute(1, 3, 0, 2).reshape(d, -1, t_len * nb), a4.permute(1, 0, 2, 3).reshape(d, t_len * nb, h)
-            ).to(m.weight.dtype)
+            a4, g4 = e["a"], e["g"]  # [D, B, T, H], [D, B, T, 4H]
+            d, nb, t_len, h = a4.shape
+            ac = a4 * coef[None, :, None, None]  # scale the (4x smaller) hidden states, not the gate gradients
+            m.weight.grad = torch.bmm(g4.reshape(d, nb * t_len, -1).transpose(1, 2), ac.reshape(d, nb * t_len, h)).to(
+                m.weight.dtype
+            )
             return
         a, g = e["a"], e["g"]
         n = len(a)
@@ -206,7 +209,7 @@ class BookKeeping:
 
 def _batch_size(m: nn.Module, e: dict[str, torch.Tensor] | None) -> int:
     assert e is not None
-    return e["a"].shape[2] if isinstance(m, LSTMScan) else len(e["a"])
+    return e["a"].shape[1] if isinstance(m, LSTMScan) else len(e["a"])
 
 
 def _seq_sq_norm(a3: torch.Tensor, g3: torch.Tensor) -> torch.Tensor:
