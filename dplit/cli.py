@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from typing import Any
@@ -70,13 +71,26 @@ def main(argv: list[str] | None = None) -> int:
         # dplit's errors name the field and the fix; the traceback would bury that (DPLIT_TRACEBACK=1 shows it)
         if os.environ.get("DPLIT_TRACEBACK"):
             raise
-        print(f"dplit: error: {type(err).__name__}: {err}\n(set DPLIT_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        print(f"dplit: error: {_plain_message(err)}\n(set DPLIT_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2
     except SystemExit as exc:
         if not args or args[0] in ("-h", "--help"):
             print(_usage_extra())
         return int(exc.code or 0) if isinstance(exc.code, int) else 1
     return 0
+
+
+def _plain_message(err: Exception) -> str:
+    """The error to show: for a class that failed to build inside jsonargparse's union-type check (e.g. a backbone
+    naming a missing package or file), that class's own message instead of the whole type report."""
+    text = str(err)
+    report = re.search(r"\nErrors:\n(.*?)(?:\nGiven value type:|\Z)", text, re.S)
+    if "Does not validate against any of the Union subtypes" not in text or report is None:
+        return f"{type(err).__name__}: {text}"
+    entries = [e for e in re.split(r"(?:^|\n)  - ", report.group(1)) if e.strip()]
+    entries = [e for e in entries if not e.startswith("Expected a <class 'NoneType'>")] or entries
+    first = " ".join(line.strip() for line in entries[0].splitlines() if line.strip())
+    return re.sub(r"^Problem with given class_path '([^']+)': ", r"\1: ", first)
 
 
 if __name__ == "__main__":

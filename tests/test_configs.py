@@ -124,6 +124,18 @@ def test_tweets_config_without_data_names_both_options(tmp_path, monkeypatch, ca
     assert not list(tmp_path.glob("runs/*/version_0/checkpoints/*.ckpt"))
 
 
+def test_backbone_build_error_is_shown_plainly(tweets_root, tmp_path, monkeypatch, capsys):
+    """A backbone that cannot be built (here: a missing GloVe file) reports its own message, not the type report."""
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "nowhere" / "glove.txt"
+    code = main(["fit", f"--config={ROOT / 'configs' / 'tweets_dp.yaml'}", f"--data.init_args.root={tweets_root}",
+                 f"--model.init_args.backbone.init_args.embedding_source={missing}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("dplit: error: ") and "embedding source" in err
+    assert str(missing) in err and "Union subtypes" not in err and "Traceback" not in err
+
+
 def test_epsilon_command_through_the_entry_point(capsys):
     code = main(
         ["epsilon", "--dataset-size=60000", "--batch-size=256", "--epochs=60", "--noise-multiplier=0.8", "--delta=1e-6"]
