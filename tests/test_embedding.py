@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dplit.download
 from dplit.models import embedding as embedding_mod
 from dplit.models.embedding import HashedWordEmbedding
-from dplit.text import glove
 from dplit.text.glove import GLOVE_6B_URL, load_glove, read_glove_text
 from dplit.text.words import encode_words, word_hash
 
@@ -150,11 +150,11 @@ def test_named_source_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     archive = _zip_bytes({"glove.6B.50d.txt": b"the 1 2\nof 3 4\nto 5 6\n", "glove.6B.100d.txt": b"the 7 8 9\n"})
     urls: list[str] = []
 
-    def fake_open(url: str) -> _FakeResponse:
+    def fake_open(url: str, timeout: float) -> _FakeResponse:
         urls.append(url)
         return _FakeResponse(archive)
 
-    monkeypatch.setattr(glove, "_open_url", fake_open)
+    monkeypatch.setattr(dplit.download, "open_url", fake_open)
     root = tmp_path / "glove"
     words, vectors = load_glove("glove.6B.50d", max_words=2, root=str(root), download=True)
     assert urls == [GLOVE_6B_URL]

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import dplit.data.tweets as tweets
-import dplit.data.twitteraae_raw as raw
+import dplit.data.twitteraae_archive as archive
+import dplit.download
 from dplit.data.tweets import LABEL_EMOJI, TweetsDataModule, clean_cells
 from dplit.text.words import word_hash
 
@@ -220,7 +221,7 @@ def test_missing_data_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as err:
         TweetsDataModule(str(tmp_path)).setup()
     msg = str(err.value)
-    for part in ("data.root", "aae_happy", "sae_sad", "twitteraae_all", "data.download: true", raw.ARCHIVE_URL):
+    for part in ("data.root", "aae_happy", "sae_sad", "twitteraae_all", "data.download: true", archive.ARCHIVE_URL):
         assert part in msg
     _write_labelled(tmp_path / "aae_only", cells=("aae_happy", "aae_sad"))
     for source in ("auto", "labelled"):
@@ -307,12 +308,12 @@ def test_download_fetches_and_extracts_the_archive(tmp_path: Path, monkeypatch: 
         calls.append(url)
         return _FakeResponse(body)
 
-    monkeypatch.setattr(raw, "urlopen", fake_urlopen)
+    monkeypatch.setattr(dplit.download, "open_url", fake_urlopen)
     root = tmp_path / "download"
     dm = TweetsDataModule(str(root), download=True, train_sizes={"SAE": 12, "AAE": 12}, val_per_cell=2, test_per_cell=2)
     dm.prepare_data()
-    assert calls == [raw.ARCHIVE_URL]
-    assert (root / raw.ARCHIVE_NAME).read_bytes() == body
+    assert calls == [archive.ARCHIVE_URL]
+    assert (root / archive.ARCHIVE_NAME).read_bytes() == body
     assert (root / "twitteraae_all").read_bytes() == _raw_corpus()
     assert not [p for p in os.listdir(root) if p.endswith(".part")]
     dm.setup()
@@ -322,11 +323,11 @@ def test_download_fetches_and_extracts_the_archive(tmp_path: Path, monkeypatch: 
         str(root), download=True, train_sizes={"SAE": 12, "AAE": 12}, val_per_cell=2, test_per_cell=2
     )
     dm2.prepare_data()  # present: no second download
-    assert calls == [raw.ARCHIVE_URL]
+    assert calls == [archive.ARCHIVE_URL]
     # An archive already in root is extracted without download.
     other = tmp_path / "archive_only"
     other.mkdir()
-    (other / raw.ARCHIVE_NAME).write_bytes(body)
+    (other / archive.ARCHIVE_NAME).write_bytes(body)
     assert (
         TweetsDataModule(str(other), train_sizes={"SAE": 12, "AAE": 12}, val_per_cell=2, test_per_cell=2).train_size
         == 24
@@ -344,11 +345,11 @@ def test_download_failure_leaves_no_partial_file(tmp_path: Path, monkeypatch: py
         raise URLError("no network")
 
     for opener in (offline, lambda url, timeout: Broken(_archive(b"x" * 100))):
-        monkeypatch.setattr(raw, "urlopen", opener)
+        monkeypatch.setattr(dplit.download, "open_url", opener)
         with pytest.raises(RuntimeError, match="Downloading .* failed"):
             TweetsDataModule(str(tmp_path / "dl"), download=True).prepare_data()
         assert os.listdir(tmp_path / "dl") == []
-    (tmp_path / "dl" / raw.ARCHIVE_NAME).write_bytes(b"not a zip")
+    (tmp_path / "dl" / archive.ARCHIVE_NAME).write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a valid zip"):
         TweetsDataModule(str(tmp_path / "dl")).prepare_data()
 

@@ -27,14 +27,10 @@ from dplit.data.tweets_text import (
     tokenizer_path,
 )
 from dplit.data.twitteraae import LABELLED_FILES, SENTIMENT_SOURCE, read_labelled_tweets
+from dplit.data.twitteraae_archive import ARCHIVE_NAME, ARCHIVE_URL, RAW_NAME, fetch_raw_corpus, find_raw_corpus
 from dplit.data.twitteraae_raw import (
-    ARCHIVE_NAME,
-    ARCHIVE_URL,
-    RAW_NAME,
     build_cells,
     cached_cells,
-    fetch_raw_corpus,
-    find_raw_corpus,
 )
 
 __all__ = ["CELLS", "LABEL_EMOJI", "PAPER_TRAIN_SIZES", "TweetsDataModule", "clean_cells"]

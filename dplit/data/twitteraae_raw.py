@@ -35,38 +35,24 @@ import json
 import math
 import os
 import re
-import tempfile
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
-from urllib.request import urlopen
 
 from dplit.data.twitteraae import LABELLED_FILES, MENTION_TOKEN
 
 __all__ = [
-    "ARCHIVE_NAME",
-    "ARCHIVE_URL",
     "CELLS",
-    "RAW_NAME",
     "LabelRecipe",
     "RawTweet",
     "build_cells",
     "cached_cells",
-    "download_archive",
-    "extract_raw_corpus",
-    "fetch_raw_corpus",
-    "find_raw_corpus",
     "iter_raw",
     "label_tweet",
     "write_cells",
 ]
 
 CELLS = LABELLED_FILES  # ("aae_happy", "aae_sad", "sae_happy", "sae_sad")
-ARCHIVE_URL = "http://slanglab.cs.umass.edu/TwitterAAE/TwitterAAE-full-v1.zip"  # linked from the TwitterAAE page
-ARCHIVE_NAME = "TwitterAAE-full-v1.zip"  # several GB (59M tweets)
-RAW_NAME = "twitteraae_all"  # the archive member TwitterAAE-full-v1/twitteraae_all
 N_FIELDS = 10
 HAPPY = (":)", ":-)", ":]", ":D", ":-D", "=)", "=D", ";)", ";-)", "^_^", "(:", "😀", "😁", "😂", "😃", "😄", "😆",
          "😊", "😍", "😘", "☺", "🙂", "😉")  # fmt: skip
@@ -289,87 +275,3 @@ def cached_cells(
     tmp.write_text(json.dumps(stats, sort_keys=True), encoding="utf-8")
     os.replace(tmp, stats_path)
     return cells, stats
-
-
-def find_raw_corpus(root: str | Path) -> Path | None:
-    """``root/twitteraae_all``, else ``root/TwitterAAE-full-v1/twitteraae_all`` (the unzipped archive), else None."""
-    root = Path(root)
-    for path in (root / RAW_NAME, root / Path(ARCHIVE_NAME).stem / RAW_NAME):
-        if path.is_file():
-            return path
-    return None
-
-
-def _atomic_copy(src: IO[bytes], dest: Path, total: int | None, desc: str) -> Path:
-    """Streams ``src`` into ``dest`` through a temporary file in the same folder, with a tqdm progress bar."""
-    from tqdm.auto import tqdm
-
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=desc) as bar:
-            while chunk := src.read(1 << 20):
-                out.write(chunk)
-                bar.update(len(chunk))
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
-
-
-def download_archive(root: str | Path, url: str = ARCHIVE_URL) -> Path:
-    """Downloads ``TwitterAAE-full-v1.zip`` into ``root`` (atomically: a partial download never has the final name).
-
-    Raises:
-        RuntimeError: when the download fails (the message says how to place the file by hand).
-    """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    dest = root / ARCHIVE_NAME
-    try:
-        with urlopen(url, timeout=60) as response:
-            length = response.headers.get("Content-Length")
-            return _atomic_copy(response, dest, int(length) if length else None, ARCHIVE_NAME)
-    except OSError as err:  # URLError, HTTPError and socket timeouts are OSErrors
-        raise RuntimeError(
-            f"Downloading {url} to {dest} failed: {err}. Without network access, fetch {ARCHIVE_NAME} from "
-            f"http://slanglab.cs.umass.edu/TwitterAAE/ elsewhere and put it, or its {RAW_NAME}, in {root}."
-        ) from err
-
-
-def extract_raw_corpus(archive: str | Path, root: str | Path) -> Path:
-    """Extracts only the ``twitteraae_all`` member of the archive to ``root/twitteraae_all`` (atomically).
-
-    Raises:
-        ValueError: when the archive is not a zip file or holds no ``twitteraae_all``.
-    """
-    archive, root = Path(archive), Path(root)
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            members = [i for i in zf.infolist() if Path(i.filename).name == RAW_NAME and not i.is_dir()]
-            if not members:
-                names = ", ".join(zf.namelist()[:10])
-                raise ValueError(f"{archive} holds no {RAW_NAME} (members: {names}); is it {ARCHIVE_NAME}?")
-            info = min(members, key=lambda i: len(i.filename))  # TwitterAAE-full-v1/twitteraae_all
-            with zf.open(info) as src:
-                return _atomic_copy(src, root / RAW_NAME, info.file_size, f"extracting {RAW_NAME}")
-    except zipfile.BadZipFile as err:
-        raise ValueError(f"{archive} is not a valid zip file ({err}); delete it and download it again") from err
-
-
-def fetch_raw_corpus(root: str | Path, download: bool = True, url: str = ARCHIVE_URL) -> Path:
-    """The raw corpus under ``root``: found as is, else extracted from ``root/TwitterAAE-full-v1.zip``, else
-    downloaded (when ``download``) and extracted. The archive is kept.
-
-    Raises:
-        FileNotFoundError: when neither the corpus nor the archive is in ``root`` and ``download`` is false.
-    """
-    found = find_raw_corpus(root)
-    if found is not None:
-        return found
-    archive = Path(root) / ARCHIVE_NAME
-    if not archive.is_file():
-        if not download:
-            raise FileNotFoundError(f"neither {RAW_NAME} nor {ARCHIVE_NAME} is in {root}; download it from {url}")
-        download_archive(root, url)
-    return extract_raw_corpus(archive, root)

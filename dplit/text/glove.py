@@ -18,15 +18,15 @@ import io
 import logging
 import os
 import re
-import tempfile
-import urllib.request
 import zipfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import IO, Any
 
 import numpy as np
 import torch
+
+from dplit.download import download
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ _GLOVE_6B_NAME = re.compile(r"^glove\.6B\.(50|100|200|300)d$")
 _KUMO_VECTORS = "glove_6B_50d_emb.npy"
 _KUMO_WORDS = "glove_6B_index.parquet"
 _CHUNK_LINES = 4096  # lines converted to float32 at once
-_DOWNLOAD_CHUNK = 1 << 20
 
 
 def default_glove_root() -> str:
@@ -202,44 +201,17 @@ def _load_named(source: str, max_words: int | None, root: str, download: bool) -
     return read_glove_text(archive, max_words=max_words, member=f"{source}.txt")
 
 
-def _open_url(url: str) -> Any:
-    """The network seam: tests patch this (or ``urllib.request.urlopen``) to serve bytes offline."""
-    return urllib.request.urlopen(url, timeout=60)
-
-
 def download_file(url: str, dest: str) -> None:
-    """Downloads ``url`` to ``dest`` with a progress bar, atomically (a temp file in the same folder, then
-    ``os.replace``), so an interrupted download never leaves a partial ``dest``."""
-    from tqdm.auto import tqdm
-
-    folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(dest) + ".", suffix=".part")
+    """Downloads ``url`` to ``dest`` with a progress bar, atomically (:func:`dplit.download.download`): an
+    interrupted, short or non-zip download never leaves a partial ``dest``."""
+    log.info("Downloading %s to %s", url, dest)
     try:
-        with os.fdopen(fd, "wb") as out:
-            log.info("Downloading %s to %s", url, dest)
-            with _open_url(url) as resp:
-                length = getattr(resp, "headers", {}).get("Content-Length")
-                total = int(length) if length else None
-                done = 0
-                with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
-                    while chunk := resp.read(_DOWNLOAD_CHUNK):
-                        out.write(chunk)
-                        done += len(chunk)
-                        bar.update(len(chunk))
-            if total is not None and done != total:
-                raise OSError(f"got {done} of {total} bytes")
-        if dest.endswith(".zip") and not zipfile.is_zipfile(tmp):
-            raise OSError("the downloaded file is not a zip archive")
-        os.replace(tmp, dest)
+        download(url, dest, expect_zip=dest.endswith(".zip"))
     except OSError as err:
         raise OSError(
             f"downloading {url} to {dest} failed: {err}. Without network access, fetch it elsewhere and put it "
             "there, or use embedding source 'kumo'."
         ) from err
-    finally:
-        with suppress(FileNotFoundError):
-            os.remove(tmp)
 
 
 __all__ = ["GLOVE_6B_URL", "default_glove_root", "download_file", "load_glove", "read_glove_text"]
