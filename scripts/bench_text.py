@@ -111,7 +111,7 @@ def run_text(args: Any, timer: Any) -> dict[str, Any]:
 
         mode = {"bilstm_dp": "bookkeeping", "minilm_dp": "ghost"}.get(config, "hooks")
         dp = DifferentialPrivacy(
-            noise_multiplier=TEXT_SIGMA, max_grad_norm=TEXT_C, grad_sample_mode=mode, seed=args.seed
+            noise_multiplier=TEXT_SIGMA, max_grad_norm=TEXT_C, grad_sample_mode=mode, insecure_testing_seed=args.seed
         )
         callbacks.append(dp)
     trainer = timed_trainer(timer, callbacks, prefix="dplit-bench-text-")

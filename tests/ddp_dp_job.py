@@ -13,7 +13,7 @@ from dplit.callbacks import DifferentialPrivacy
 if __name__ == "__main__":
     out, sigma, steps = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     probe = Probe()
-    dp = DifferentialPrivacy(noise_multiplier=sigma, max_grad_norm=1.0, delta=1e-3, seed=11)
+    dp = DifferentialPrivacy(noise_multiplier=sigma, max_grad_norm=1.0, delta=1e-3, insecure_testing_seed=11)
     ckpt = ModelCheckpoint(dirpath=f"{out}.ckpt", save_last=True)
     trainer = L.Trainer(
         callbacks=[dp, probe, ckpt],

@@ -57,7 +57,7 @@ def test_ddp_checkpoint_resumes_on_one_device(tmp_path):
     steps = 3
     _run(tmp_path, 2.0, steps)
     last = tmp_path / "ddp.ckpt" / "last.ckpt"
-    dp = DifferentialPrivacy(noise_multiplier=2.0, max_grad_norm=1.0, delta=1e-3, seed=11)
+    dp = DifferentialPrivacy(noise_multiplier=2.0, max_grad_norm=1.0, delta=1e-3, insecure_testing_seed=11)
     t = trainer(tmp_path, [dp], max_steps=2 * steps, max_epochs=5)
     t.fit(tiny_task(lr=1.0, hidden=256), datamodule=TinyData(n=400, batch_size=40), ckpt_path=last)
     assert dp.accountant.steps == 2 * steps  # the accountant continues across a change of device count
@@ -90,7 +90,7 @@ def test_ddp_final_parameters_equal_a_one_process_dp_sgd_with_the_same_samples_a
 def test_ddp_spawn_trains_privately(tmp_path):
     """strategy=ddp_spawn (processes started by multiprocessing, no script relaunch): the run completes, and the
     epsilon rank 0 reports back to the main process is the single-process value for the same global q."""
-    dp = DifferentialPrivacy(noise_multiplier=2.0, max_grad_norm=1.0, delta=1e-3, seed=11)
+    dp = DifferentialPrivacy(noise_multiplier=2.0, max_grad_norm=1.0, delta=1e-3, insecure_testing_seed=11)
     t = trainer(
         tmp_path, [dp], strategy="ddp_spawn", devices=2, use_distributed_sampler=False, max_steps=3, log_every_n_steps=1
     )

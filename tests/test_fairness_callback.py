@@ -92,7 +92,7 @@ def test_train_diagnostics_are_right_and_change_nothing(tmp_path):
     params = {}
     for name, extra in (("plain", []), ("diag", [SubgroupMetrics(train_diagnostics=True)])):
         probe = Probe()
-        dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=c, seed=4)
+        dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=c, insecure_testing_seed=4)
         task = tiny_task()
         t = trainer(tmp_path, [dp, *extra, probe], max_epochs=1, limit_train_batches=1)
         t.fit(task, datamodule=TinyData())

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from dplit.models.lstm import LSTM, LSTMScan
+from dplit.privacy.backends import make_backend
 from dplit.privacy.bookkeeping import BookKeeping, check_supported
 from dplit.privacy.config import PrivacyConfig
-from dplit.privacy.engine import attach_hooks
 
 
 @pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True), (3, True)])
@@ -123,12 +123,12 @@ def test_opacus_hooks_per_example_grads_equal_autograd():
     net = TextNet().double()
     ids, y = _batch()
     ref = torch.stack(_reference_grads(net, ids, y))
-    hooks = attach_hooks(net, PrivacyConfig(noise_multiplier=1.0, grad_sample_mode="hooks"))
+    hooks = make_backend(net, PrivacyConfig(noise_multiplier=1.0, grad_sample_mode="hooks"))
     try:
         nn.functional.cross_entropy(net(ids), y).backward()
         ours = torch.cat([p.grad_sample.flatten(1) for p in net.parameters()], 1)
     finally:
-        hooks.remove_hooks()
+        hooks.detach()
     torch.testing.assert_close(ours, ref)
 
 

@@ -104,7 +104,7 @@ def test_noise_std_is_sigma_c_over_b_and_added_once(tmp_path, mode):
     """Lightning passes a closure to optimizer.step (Opacus #313): the noise must still be there, exactly once."""
     sigma, c, lr = 2.0, 1.0, 1.0
     probe = Probe()
-    dp = DifferentialPrivacy(noise_multiplier=sigma, max_grad_norm=c, grad_sample_mode=mode, seed=3)
+    dp = DifferentialPrivacy(noise_multiplier=sigma, max_grad_norm=c, grad_sample_mode=mode, insecure_testing_seed=3)
     t, task = fit(tmp_path, dp, probe, task=tiny_task(lr=lr, hidden=256), max_steps=2)
     b = dp.plan.batch_size
     assert len(probe.steps) == 2
@@ -135,7 +135,7 @@ def test_huge_noise_destroys_accuracy(tmp_path):
 def test_loader_is_poisson_with_the_accountant_sample_rate(tmp_path):
     dp = DifferentialPrivacy(noise_multiplier=1.0)
     t, _ = fit(tmp_path, dp, max_steps=2)
-    sampler = dp._loader.batch_sampler
+    sampler = dp.loader.batch_sampler.logical
     assert isinstance(sampler, UniformWithReplacementSampler)
     q = 20 / 200
     assert sampler.sample_rate == pytest.approx(q) == dp.plan.sample_rate

@@ -190,7 +190,9 @@ def test_dp_adam_trains_the_whole_tiny_bert(tmp_path, tiny_bert, mode):
     torch.manual_seed(0)
     task = ClassificationTask(TransformerClassifier(tiny_bert, finetune="all"), optimizer="adam", lr=1e-3)
     before = Probe._flat(task)
-    dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, seed=0, ledger=False)
+    dp = DifferentialPrivacy(
+        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, insecure_testing_seed=0, ledger=False
+    )
     t = trainer(tmp_path, [dp], max_steps=3)
     t.fit(task, datamodule=TokenData())
     assert t.global_step == 3 and dp.accountant.steps == 3
@@ -213,7 +215,9 @@ def test_dp_sgd_update_is_clipped_mean_of_per_example_grads(tmp_path, tiny_bert,
     torch.manual_seed(0)
     task = ClassificationTask(make(), lr=lr)
     probe = Probe()
-    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=c, grad_sample_mode=mode, seed=0, ledger=False)
+    dp = DifferentialPrivacy(
+        noise_multiplier=1e-9, max_grad_norm=c, grad_sample_mode=mode, insecure_testing_seed=0, ledger=False
+    )
     trainer(tmp_path, [dp, probe], max_steps=2).fit(task, datamodule=TokenData())
     assert len(probe.steps) == 2
     ref = make().train()
@@ -231,7 +235,9 @@ def test_bookkeeping_trains_the_head_and_refuses_layer_norms(tmp_path, tiny_bert
     from dplit.privacy.compat import IncompatibleModelError
 
     task = ClassificationTask(TransformerClassifier(tiny_bert, finetune="head"), optimizer="adam", lr=1e-3)
-    dp = DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="bookkeeping", seed=0, ledger=False)
+    dp = DifferentialPrivacy(
+        noise_multiplier=1.0, grad_sample_mode="bookkeeping", insecure_testing_seed=0, ledger=False
+    )
     trainer(tmp_path, [dp], max_steps=2).fit(task, datamodule=TokenData())
     assert dp.accountant.steps == 2 and dp.epsilon > 0
     task = ClassificationTask(TransformerClassifier(tiny_bert, finetune="last_k"))

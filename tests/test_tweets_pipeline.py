@@ -30,7 +30,9 @@ def _fit(tmp_path, tweets_root, mode: str | None, epochs: int = 6):
     callbacks: list = [SubgroupMetrics()]
     dp = None
     if mode is not None:
-        dp = DifferentialPrivacy(noise_multiplier=0.5, max_grad_norm=1.0, delta=1e-3, grad_sample_mode=mode, seed=0)
+        dp = DifferentialPrivacy(
+            noise_multiplier=0.5, max_grad_norm=1.0, delta=1e-3, grad_sample_mode=mode, insecure_testing_seed=0
+        )
         callbacks.append(dp)
     trainer = L.Trainer(
         max_epochs=epochs,

@@ -8,18 +8,19 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from typing_extensions import override
 
-from dplit.callbacks._wiring import CriterionPatch, TrainLoaderPatch
+from dplit.callbacks._wiring import TrainLoaderPatch
 from dplit.privacy import budget, engine
 from dplit.privacy.accounting import PrivacyAccountant
+from dplit.privacy.backends import PerSampleBackend, make_backend
 from dplit.privacy.compat import prepare_model
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
-from dplit.privacy.grad_samplers import keep_for_dp
 from dplit.privacy.ledger import PrivacyLedger
 from dplit.privacy.resume import check_same_privacy, open_ledger
-from dplit.privacy.rng import make_generators, restore_generators
+from dplit.privacy.rng import make_generators
+from dplit.privacy.stepping import BatchTrace, StepController, discard_pending
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +28,19 @@ log = logging.getLogger(__name__)
 class DifferentialPrivacy(Callback):
     """Per-sample clipping + Gaussian noise + Poisson sampling + accounting, without the task knowing.
 
-    In ``setup`` the model is checked (BatchNorm, unsupported layers, gradient accumulation); in ``on_fit_start``
-    (the one hook where optimizers exist and the train loader is not yet built) the optimizer is wrapped, the
-    train loader's sampling replaced and the accountant started or resumed. ``privacy/epsilon``,
-    ``privacy/noise_multiplier``, ``privacy/sample_rate`` and ``privacy/steps`` are logged on every step, and
-    training stops before a step would exceed ``target_epsilon`` / ``max_epsilon``. See ``PrivacyConfig`` for
-    the meaning of each argument.
+    In ``setup`` the model and trainer are checked (BatchNorm, parameters no clipping rule covers, gradient
+    accumulation, ``overfit_batches``); in ``on_fit_start`` (the one hook where optimizers exist and the train loader
+    is not yet built) the clipping backend is attached, the optimizer wrapped, the train loader's sampling replaced
+    and the accountant started, resumed or continued (a second ``fit`` with the same callback continues it).
+    Every optimizer step asks a :class:`~dplit.privacy.stepping.StepController` whether to accumulate (virtual
+    steps), release (noise once, account once) or refuse (the budget would be exceeded, whatever ``min_epochs``
+    says). ``privacy/epsilon``, ``privacy/noise_multiplier``, ``privacy/sample_rate`` and ``privacy/steps`` are
+    logged. See ``PrivacyConfig`` for the meaning of each argument.
 
     Args:
         replace_batchnorm: replace BatchNorm layers by GroupNorm before training instead of refusing the model.
-        ledger: write the accountant's state atomically after every step to ``privacy_ledger.json`` in the run's
-            log dir, so that resuming after a crash between checkpoints still counts every step taken.
+        ledger: write the accountant's state atomically after every step to ``privacy_ledger-<run id>.json`` in
+            the run's log dir, so that resuming after a crash between checkpoints still counts every step taken.
     """
 
     def __init__(
@@ -53,7 +56,7 @@ class DifferentialPrivacy(Callback):
         poisson_sampling: bool = True,
         max_physical_batch_size: int | None = None,
         secure_mode: bool = False,
-        seed: int | None = None,
+        insecure_testing_seed: int | None = None,
         replace_batchnorm: bool = False,
         ledger: bool = True,
     ) -> None:
@@ -69,7 +72,7 @@ class DifferentialPrivacy(Callback):
             poisson_sampling=poisson_sampling,
             max_physical_batch_size=max_physical_batch_size,
             secure_mode=secure_mode,
-            seed=seed,
+            insecure_testing_seed=insecure_testing_seed,
         )
         self.replace_batchnorm = replace_batchnorm
         self.use_ledger = ledger
@@ -78,15 +81,17 @@ class DifferentialPrivacy(Callback):
         self.noise_multiplier: float | None = None
         self.plan: engine.SamplingPlan | None = None
         self.optimizer: Any = None
+        self.backend: PerSampleBackend | None = None
+        self.controller: StepController | None = None
+        self.loader: torch.utils.data.DataLoader | None = None
+        """The private train loader of the current fit."""
+        self.stop_reason: str | None = None
+        """Why this callback stopped training (None: it did not)."""
+        self._trace = BatchTrace()
         self._restored: dict[str, Any] | None = None
+        self._restored_ledger: dict[str, Any] | None = None
         self._fingerprint: str | None = None
-        self._hooks: Any = None
         self._loader_patch: TrainLoaderPatch | None = None
-        self._criterion: CriterionPatch | None = None
-        self._loader: Any = None
-        self._sampler_rng: torch.Generator | None = None
-        self._noise_rng: torch.Generator | None = None
-        self._bk_seen = 0
         self._world_size = 1
         self._is_global_zero = True
         self._step_limit: int | None = None
@@ -96,6 +101,41 @@ class DifferentialPrivacy(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._check_accumulation(trainer)
+        if any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks):  # type: ignore[attr-defined]
+            raise PrivacyConfigError(
+                "GradientAccumulationScheduler changes `accumulate_grad_batches` during training, which breaks DP "
+                "(the loss is divided before clipping and the accountant sees the wrong sampling rate). Remove it and "
+                "use a larger `data.batch_size` with `max_physical_batch_size` on DifferentialPrivacy instead."
+            )
+        if sum(isinstance(cb, DifferentialPrivacy) for cb in trainer.callbacks) > 1:  # type: ignore[attr-defined]
+            raise PrivacyConfigError(
+                "More than one DifferentialPrivacy callback is configured (noise would be added twice); keep one."
+            )
+        overfit = getattr(trainer, "overfit_batches", 0)
+        if overfit:
+            raise PrivacyConfigError(
+                f"`trainer.overfit_batches={overfit}` replays the same batches, which is neither the "
+                "Poisson sampling nor the passes the accountant counts. Remove it (or train without DP to debug)."
+            )
+        if trainer.world_size > 1 and self.config.grad_sample_mode in ("ghost", "bookkeeping"):
+            raise PrivacyConfigError(
+                f"`grad_sample_mode: {self.config.grad_sample_mode}` is not verified under DDP (DDP all-reduces the "
+                "gradients before they are clipped). Use `grad_sample_mode: hooks` for multi-device runs."
+            )
+        if trainer.world_size > 1 and self.config.max_physical_batch_size is not None:
+            raise PrivacyConfigError(
+                "`max_physical_batch_size` (virtual steps) is not supported under DDP: ranks would take different "
+                "numbers of physical steps. Remove it, or use more devices to fit the batch in memory."
+            )
+        if not pl_module.automatic_optimization:
+            raise PrivacyConfigError("DifferentialPrivacy supports automatic optimization only.")
+        replaced = prepare_model(pl_module, self.config.grad_sample_mode, self.replace_batchnorm)
+        if replaced:
+            log.warning("DifferentialPrivacy replaced BatchNorm by GroupNorm in: %s", ", ".join(replaced))
+
+    @staticmethod
+    def _check_accumulation(trainer: L.Trainer) -> None:
         if trainer.accumulate_grad_batches != 1:
             raise PrivacyConfigError(
                 f"`trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}` breaks DP: Lightning divides "
@@ -103,20 +143,6 @@ class DifferentialPrivacy(Callback):
                 "rate. Use a larger `data.batch_size` (the logical batch) with "
                 "`max_physical_batch_size` on DifferentialPrivacy (virtual steps) instead."
             )
-        if sum(isinstance(cb, DifferentialPrivacy) for cb in trainer.callbacks) > 1:  # type: ignore[attr-defined]
-            raise PrivacyConfigError(
-                "More than one DifferentialPrivacy callback is configured (noise would be added twice); keep one."
-            )
-        if trainer.world_size > 1 and self.config.grad_sample_mode in ("ghost", "bookkeeping"):
-            raise PrivacyConfigError(
-                f"`grad_sample_mode: {self.config.grad_sample_mode}` is not verified under DDP (DDP all-reduces the "
-                "gradients before they are clipped). Use `grad_sample_mode: hooks` for multi-device runs."
-            )
-        if not pl_module.automatic_optimization:
-            raise PrivacyConfigError("DifferentialPrivacy supports automatic optimization only.")
-        replaced = prepare_model(pl_module, self.config.grad_sample_mode, self.replace_batchnorm)
-        if replaced:
-            log.warning("DifferentialPrivacy replaced BatchNorm by GroupNorm in: %s", ", ".join(replaced))
 
     # ---------------------------------------------------------------- on_fit_start: swap in the private pieces
     @override
@@ -128,163 +154,219 @@ class DifferentialPrivacy(Callback):
                 f"returned {len(optimizers)}. Use one optimizer with parameter groups instead."
             )
         self._loader_patch = TrainLoaderPatch(trainer, pl_module)
-        self.plan = engine.plan_sampling(self._loader_patch.original())
-        cfg, plan, world_size = self.config, self.plan, trainer.world_size
-        self._world_size = world_size
-        self._is_global_zero = trainer.is_global_zero
+        plan = engine.plan_sampling(self._loader_patch.original())
+        cfg = self.config
+        self._world_size, self._is_global_zero = trainer.world_size, trainer.is_global_zero
         if cfg.delta >= 1 / plan.dataset_size:
             warnings.warn(
                 f"`delta={cfg.delta}` is not below 1/N = {1 / plan.dataset_size:.3g} (N={plan.dataset_size}): a "
                 "mechanism that publishes one random example outright satisfies such a guarantee. Use a smaller delta.",
                 stacklevel=2,
             )
-        steps = (
-            None
-            if cfg.noise_multiplier is not None
-            else budget.planned_steps(trainer.max_steps, trainer.max_epochs, plan.steps_per_epoch)
-        )
-        self.noise_multiplier = budget.resolve_noise_multiplier(cfg, plan, steps)
-        self._fingerprint = cfg.fingerprint(
-            noise_multiplier=self.noise_multiplier, sample_rate=plan.sample_rate, dataset_size=plan.dataset_size
-        )
-        self.accountant = PrivacyAccountant(
-            cfg.accountant, poisson=cfg.poisson_sampling, steps_per_epoch=plan.steps_per_epoch
-        )
-        self._restore(trainer)
+        per_epoch = budget.steps_per_epoch(trainer.limit_train_batches, plan.steps_per_epoch)
+        if self.accountant is None:
+            self.plan = plan
+            self._start_accountant(trainer, per_epoch)
+        else:
+            self._continue_accountant(plan)
+        assert self.accountant is not None and self.noise_multiplier is not None and self._fingerprint is not None
+        self._restore()
         self._open_ledger(trainer)
-        self._step_limit = budget.step_limit(self.accountant, cfg, self.noise_multiplier, plan.sample_rate)
+        sigma, q = self.noise_multiplier, plan.sample_rate
+        self._step_limit = budget.step_limit(self.accountant, cfg, sigma, q) if cfg.poisson_sampling else None
+        self._check_min_training(trainer, per_epoch)
 
-        self._hooks = engine.attach_hooks(pl_module, cfg)
+        sampler_rng, noise_rng = make_generators(
+            rank=trainer.global_rank,
+            step=self.accountant.steps,
+            secure=cfg.secure_mode,
+            testing_seed=cfg.insecure_testing_seed,
+        )
+        self.controller = StepController(
+            self.accountant,
+            events=[(sigma, q)] if cfg.poisson_sampling else [],
+            pass_events=None if cfg.poisson_sampling else [(sigma, 1.0)],
+            budget=cfg.budget,
+            delta=cfg.delta,
+            step_limit=self._step_limit,
+            on_release=self._write_ledger,
+        )
+        self.backend = make_backend(pl_module, cfg)
         self.optimizer = engine.make_optimizer(
             optimizers[0],
             cfg,
-            noise_multiplier=self.noise_multiplier,
+            noise_multiplier=sigma,
             plan=plan,
-            world_size=world_size,
-            generator=self._noise_rng,
+            backend=self.backend,
+            controller=self.controller,
+            world_size=trainer.world_size,
+            generator=noise_rng,
         )
-        self.optimizer.attach_step_hook(self._on_dp_step)
         trainer.optimizers = [self.optimizer]  # schedulers keep working: DP optimizers share param_groups
-        if cfg.grad_sample_mode == "ghost":
-            self._criterion = CriterionPatch(
-                pl_module, lambda criterion: engine.make_criterion(criterion, self._hooks, self.optimizer)
-            )
+        self.backend.install_loss(pl_module, self.optimizer)
 
         def make_private(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
-            self._loader = engine.make_loader(
-                loader, cfg, plan=plan, optimizer=self.optimizer, world_size=world_size, generator=self._sampler_rng
+            self.loader = engine.make_loader(
+                loader, cfg, plan=plan, trace=self._trace, world_size=trainer.world_size, generator=sampler_rng
             )
-            return self._loader
+            return self.loader
 
         self._loader_patch.apply(make_private)
         log.info(
             "DP on: sigma=%.4g C=%g q=%.5g (B=%d, N=%d), %s accountant, delta=%g",
-            self.noise_multiplier,
+            sigma,
             cfg.max_grad_norm,
-            plan.sample_rate,
+            q,
             plan.batch_size,
             plan.dataset_size,
             cfg.accountant,
             cfg.delta,
         )
 
-    def _restore(self, trainer: L.Trainer) -> None:
-        assert self.accountant is not None
-        seed = self.config.seed if self.config.seed is not None else torch.initial_seed() % 2**31
-        rank = trainer.global_rank
-        self._sampler_rng, self._noise_rng = make_generators(seed, rank, secure=self.config.secure_mode)
-        state = self._restored
+    def _start_accountant(self, trainer: L.Trainer, per_epoch: int) -> None:
+        cfg, plan = self.config, self.plan
+        assert plan is not None
+        steps = passes = None
+        if cfg.target_epsilon is not None and cfg.poisson_sampling:
+            steps = budget.planned_steps(trainer.max_steps, trainer.max_epochs, per_epoch)
+        elif cfg.target_epsilon is not None:
+            passes = budget.planned_passes(trainer.max_steps, trainer.max_epochs, per_epoch)
+        self.noise_multiplier = budget.resolve_noise_multiplier(cfg, plan, steps, passes)
+        self._fingerprint = cfg.fingerprint(
+            noise_multiplier=self.noise_multiplier, sample_rate=plan.sample_rate, dataset_size=plan.dataset_size
+        )
+        self.accountant = PrivacyAccountant(cfg.accountant)
+
+    def _continue_accountant(self, plan: engine.SamplingPlan) -> None:
+        """A second ``fit`` with this callback: the same plan continues the same accountant (never a reset)."""
+        assert self.plan is not None and self.accountant is not None
+        if (plan.dataset_size, plan.batch_size) != (self.plan.dataset_size, self.plan.batch_size):
+            raise PrivacyConfigError(
+                f"This DifferentialPrivacy callback already trained with N={self.plan.dataset_size}, "
+                f"B={self.plan.batch_size}; fitting again with N={plan.dataset_size}, B={plan.batch_size} would need "
+                "another accountant. Continue with the same data and batch size, or use a new callback (a new run)."
+            )
+        log.info("DifferentialPrivacy: fit again; the accountant continues at step %d.", self.accountant.steps)
+
+    def _restore(self) -> None:
+        state, self._restored = self._restored, None
         if state is None:
             return
-        assert self._fingerprint is not None and self.noise_multiplier is not None and self.plan is not None
+        assert self.accountant is not None and self._fingerprint is not None and self.plan is not None
+        assert self.noise_multiplier is not None
         check_same_privacy(state, self._fingerprint, self.noise_multiplier, self.plan.sample_rate)
-        self.accountant.load_state_dict(state["accountant"])
-        if not self.config.secure_mode:
-            restore_generators(
-                state,
-                self._sampler_rng,
-                self._noise_rng,
-                seed=seed,
-                rank=rank,
-                world_size=trainer.world_size,
-                step=self.accountant.steps,
-            )
+        restored = PrivacyAccountant(self.config.accountant)
+        restored.load_state_dict(state["accountant"])
+        if restored.steps > self.accountant.steps:  # never backwards: keep whichever history is longer
+            self.accountant.load_state_dict(restored.state_dict())
+        self._restored_ledger = state
         log.info("Resumed privacy accountant at step %d (epsilon=%.4g)", self.accountant.steps, self.epsilon)
 
     def _open_ledger(self, trainer: L.Trainer) -> None:
         assert self.accountant is not None and self._fingerprint is not None
         if not self.use_ledger:
             return
-        self.ledger = open_ledger(
-            self._restored, self.accountant, self._fingerprint, trainer.log_dir or trainer.default_root_dir
-        )
-        if trainer.is_global_zero:
+        state = self._restored_ledger
+        if self.ledger is None or state is not None:
+            log_dir = trainer.log_dir or trainer.default_root_dir
+            self.ledger = open_ledger(state, self.accountant, self._fingerprint, log_dir)
+        self._restored_ledger = None
+        self._write_ledger()
+
+    def _write_ledger(self) -> None:
+        if self.ledger is not None and self._fingerprint is not None and self._is_global_zero:
+            assert self.accountant is not None
             self.ledger.write(self._fingerprint, self.accountant.state_dict())
+
+    def _check_min_training(self, trainer: L.Trainer, per_epoch: int) -> None:
+        """Refuse ``min_epochs`` / ``min_steps`` that would force steps past the budget."""
+        assert self.accountant is not None
+        if self.config.budget is None:
+            return
+        min_epochs, min_steps = trainer.min_epochs or 0, trainer.min_steps or 0
+        if not (min_epochs or min_steps):
+            return
+        if self._step_limit is not None:
+            needed = max(min_steps, min_epochs * per_epoch)
+            if needed > self._step_limit:
+                raise PrivacyConfigError(
+                    f"`trainer.min_epochs={min_epochs}` / `min_steps={min_steps}` ask for {needed} steps, but the "
+                    f"privacy budget epsilon={self.config.budget} allows {self._step_limit}: Lightning would not stop "
+                    "at the budget. Lower them (or remove them)."
+                )
+            return
+        assert self.noise_multiplier is not None
+        eps = self.accountant.epsilon_with([(self.noise_multiplier, 1.0, max(1, min_epochs))], self.config.delta)
+        if eps > self.config.budget:
+            raise PrivacyConfigError(
+                f"`trainer.min_epochs={min_epochs}` needs {min_epochs} passes (epsilon {eps:.3g}) over the budget "
+                f"{self.config.budget}: lower it (or remove it)."
+            )
 
     # ---------------------------------------------------------------- per step: guard, account, log, stop
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_accumulation(trainer)
         if not getattr(trainer.train_dataloader, "_dplit_private", False):
             raise RuntimeError(
                 "DifferentialPrivacy: the train loader in use is not the private one, so sampling would not match "
                 "the accountant. Use a LightningDataModule, and `trainer.use_distributed_sampler: false` under DDP."
             )
+        if self.controller is not None and discard_pending(self.optimizer, self.controller):
+            log.info("DifferentialPrivacy: dropped a logical batch cut by the end of the last epoch (never released).")
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._check_accumulation(trainer)  # whatever set it (a scheduler, a callback) after setup()
+        assert self.controller is not None
+        self.controller.begin_batch(self._trace.pop())
+
+    @override
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Any) -> None:
+        assert self.backend is not None
+        self.backend.check_loss(loss)
 
     @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.config.grad_sample_mode == "bookkeeping" and self._hooks is not None:
-            self._hooks.clip_into_grad()  # p.grad := sum of clipped per-example gradients
+        assert self.backend is not None
+        self.backend.after_backward()
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        if self.config.grad_sample_mode == "bookkeeping":
-            if self._hooks.batches_clipped == self._bk_seen:
-                raise RuntimeError("DifferentialPrivacy (book-keeping): the gradients of this step were not clipped.")
-            self._bk_seen = self._hooks.batches_clipped
-            return
-        if self._criterion is not None:
-            if self._criterion.calls == 0:
-                raise RuntimeError(
-                    "DifferentialPrivacy (ghost clipping): the training loss was not computed through "
-                    "`self.criterion`, so gradients were not clipped. Compute the loss with `self.criterion(...)`."
-                )
-            self._criterion.calls = 0
-            return
-        missing = [i for i, p in enumerate(self.optimizer.params) if getattr(p, "grad_sample", None) is None]
-        if missing:
-            raise RuntimeError(
-                f"DifferentialPrivacy: {len(missing)} parameters have no per-sample gradients before the optimizer "
-                "step (the forward pass bypassed the hooked module), so the step would not be private."
-            )
-
-    def _on_dp_step(self, optimizer: Any) -> None:
-        assert self.accountant is not None and self.plan is not None and self.noise_multiplier is not None
-        self.accountant.step(self.noise_multiplier, self.plan.sample_rate)
-        if self.ledger is not None and self._fingerprint is not None and self._is_global_zero:
-            self.ledger.write(self._fingerprint, self.accountant.state_dict())
+        assert self.backend is not None
+        self.backend.assert_clipped(self.optimizer)
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        assert self.accountant is not None
+        assert self.accountant is not None and self.controller is not None
+        if not self.controller.stepped:
+            raise RuntimeError(
+                "DifferentialPrivacy: a training batch ended without an optimizer step (did `training_step` return "
+                "None?). Its clipped gradients could leak into the next logical batch: return the loss on every batch."
+            )
         # Recorded on every step; handed to Lightning only on the steps its loggers write (every
         # `log_every_n_steps`): `self.log` costs ~0.5 ms a key, and a PRV epsilon up to seconds.
         every = getattr(trainer, "log_every_n_steps", 50)
         if every > 0 and (trainer.global_step % every == 0 or trainer.should_stop):
             self._log(pl_module, on_step=True)
-        if self._step_limit is None or trainer.should_stop:
+        if trainer.should_stop and self.stop_reason is None:
             return
-        stop = self.accountant.steps >= self._step_limit
+        stop = self.controller.exhausted or (self._step_limit is not None and self.accountant.steps >= self._step_limit)
         if trainer.world_size > 1:
             stop = trainer.strategy.broadcast(stop, src=0)
-        if stop:
+        if stop and self.stop_reason is None:
+            self.stop_reason = f"privacy budget reached (epsilon={self.epsilon:.4g} of {self.config.budget})"
             log.warning(
                 "Privacy budget reached: epsilon=%.4f after %d steps; the next step would exceed %g. Stopping.",
                 self.epsilon,
                 self.accountant.steps,
                 self.config.budget,
             )
+        if stop:
             trainer.should_stop = True
 
     @override
@@ -317,9 +399,9 @@ class DifferentialPrivacy(Callback):
 
         For diagnostics only: NOT differentially private.
         """
-        if self._hooks is None or self.optimizer is None:
+        if self.backend is None or self.optimizer is None:
             return None
-        return engine.per_sample_grad_norms(self._hooks, self.optimizer, self.config.grad_sample_mode)
+        return self.backend.per_example_norms(self.optimizer)
 
     @property
     def epsilon(self) -> float:
@@ -329,14 +411,10 @@ class DifferentialPrivacy(Callback):
     # ---------------------------------------------------------------- teardown and checkpoint state
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._hooks is None:
+        if stage != "fit" or self.backend is None:
             return
-        self._hooks.remove_hooks()
-        self._hooks = None
-        keep_for_dp(pl_module, False)
-        if self._criterion is not None:
-            self._criterion.restore()
-            self._criterion = None
+        self.backend.detach()
+        self.backend = None
         if self._loader_patch is not None:
             self._loader_patch.restore()
             self._loader_patch = None
@@ -352,14 +430,12 @@ class DifferentialPrivacy(Callback):
             "sample_rate": self.plan.sample_rate if self.plan else 0.0,
             "epsilon": self.epsilon,
             "delta": self.config.delta,
+            # metadata: a run trained with public randomness says so in every checkpoint
+            "insecure_testing_seed": self.config.insecure_testing_seed is not None,
         }
         if self.ledger is not None:
             state["ledger_path"] = str(self.ledger.path.resolve())
             state["run_id"] = self.ledger.run_id
-        if self._sampler_rng is not None and not self.config.secure_mode:
-            state["sampler_rng"] = self._sampler_rng.get_state()
-            state["noise_rng"] = self._noise_rng.get_state() if self._noise_rng is not None else None
-            state["world_size"] = self._world_size
         return state
 
     @override

@@ -3,14 +3,13 @@
 Poisson sampling: a Poisson-subsampled Gaussian mechanism (add/remove-one adjacency), with Opacus' accountants; RDP
 uses ``dp_accounting``'s orders, a superset of Opacus' alphas. Shuffled fixed-size batches are NOT Poisson and the
 Poisson number can under-report their loss (Chua et al. 2024, "How private are DP-SGD implementations?"), so
-for them no amplification is claimed: an example is in one batch per epoch, so under zero-out adjacency (Kairouz
-et al. 2021) the run composes one Gaussian mechanism per epoch it joins. A valid (loose) upper bound whatever the
-batch order: shuffled, fixed or adversarial.
+for them no amplification is claimed: an example is in at most one batch of each pass over the data, so under
+zero-out adjacency (Kairouz et al. 2021) the run composes one Gaussian mechanism per pass that actually started
+(every reshuffle: each epoch, each resume). A valid (loose) upper bound whatever the batch order.
 """
 
 import contextlib
 import functools
-import itertools
 import math
 import warnings
 from typing import Any, Literal
@@ -26,7 +25,6 @@ ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAcc
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024])
 SIGMA_BOUNDS: tuple[float, float] = (0.01, 1000.0)
 PRV_MAX_RDP_EPSILON = 100.0  # beyond it (no privacy) PRV takes minutes or >100 GB (sigma=0.1): report RDP, a bound
-_STATE_KEYS = ("mechanism", "poisson", "steps_per_epoch")
 
 
 class UnreachableEpsilonError(ValueError):
@@ -112,70 +110,94 @@ def calibrate_noise_multiplier_no_amplification(
     return _bisect(eps, target_epsilon, rtol, setting, "train fewer epochs, use Poisson sampling")
 
 
+Event = tuple[float, float]  # (noise_multiplier, sample_rate): one Gaussian mechanism, Poisson-subsampled at rate q
+"""A privacy event: ``sample_rate == 1.0`` is a Gaussian mechanism without amplification by subsampling."""
+
+
 class PrivacyAccountant:
-    """Owns the DP-SGD history ``[(noise_multiplier, sample_rate, num_steps), ...]`` and reports epsilon.
+    """Composes the privacy events that actually ran, and reports epsilon.
+
+    Each logical (noised) step records the list of events it spent: one Poisson-subsampled Gaussian
+    ``(sigma, q)`` for DP-SGD's gradient; more for an algorithm that also releases noisy statistics; a Gaussian
+    without subsampling ``(sigma, 1.0)`` when a non-Poisson pass over the data starts (an example joins at most one
+    batch of a pass, so under zero-out adjacency the pass is one Gaussian mechanism, whatever the batch order);
+    none for the other steps of such a pass. The history is the composition ``[(sigma, q, count), ...]``
+    (consecutive equal events merged); ``steps`` counts the logical steps separately.
 
     Args:
         mechanism: accountant name in ``ACCOUNTANTS``.
-        poisson: whether batches are Poisson-sampled; if not, epsilon is the no-amplification bound.
-        steps_per_epoch: logical steps per epoch; required when ``poisson`` is false.
 
     Cost of epsilon: rdp ~0.05 ms, gdp ~2 ms, prv 0.05-2 s for each new history (cached by (history, delta)).
     """
 
-    def __init__(self, mechanism: AccountantName = "rdp", poisson: bool = True, steps_per_epoch: int | None = None):
+    STATE_VERSION = 2
+
+    def __init__(self, mechanism: AccountantName = "rdp") -> None:
         _check_name(mechanism)
-        if not poisson and (steps_per_epoch is None or steps_per_epoch < 1):
-            raise ValueError(f"steps_per_epoch must be >= 1 without Poisson sampling, got {steps_per_epoch}")
         if mechanism == "gdp":
             warnings.warn("gdp (a CLT approximation) can under-report epsilon; prefer rdp or prv", stacklevel=2)
-        self.mechanism, self.poisson, self.steps_per_epoch = mechanism, poisson, steps_per_epoch
+        self.mechanism = mechanism
         self.history: list[tuple[float, float, int]] = []
+        self.steps = 0
 
-    @property
-    def steps(self) -> int:
-        """Total logical DP steps taken."""
-        return sum(n for _, _, n in self.history)
+    def record(self, events: list[Event] | tuple[Event, ...]) -> None:
+        """Records one logical step that spent ``events`` (possibly none: a later step of a non-Poisson pass)."""
+        history = self.history
+        for sigma, q in events:
+            history = _extended(history, 1, sigma, q)
+        self.history = history
+        self.steps += 1
 
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
-        """Records one logical DP step (consecutive identical steps are merged into one entry)."""
-        self.history = _extended(self.history, 1, noise_multiplier, sample_rate)
+        """Records one DP-SGD step: a single Poisson-subsampled Gaussian."""
+        self.record([(noise_multiplier, sample_rate)])
 
     def epsilon(self, delta: float) -> float:
-        """Epsilon spent so far (the no-amplification bound without Poisson sampling)."""
-        return self._epsilon_of(tuple(self.history), delta)
-
-    def epsilon_if_poisson(self, delta: float) -> float:
-        """Epsilon if the batches had been Poisson-sampled (for comparison; optimistic when they were not)."""
+        """Epsilon of everything recorded so far."""
         return _epsilon(self.mechanism, tuple(self.history), float(delta))
 
+    def epsilon_with(self, extra: list[tuple[float, float, int]], delta: float) -> float:
+        """Epsilon after composing ``extra`` events ``(sigma, q, count)`` with the history (to stop before a budget)."""
+        history = self.history
+        for sigma, q, n in extra:
+            history = _extended(history, n, sigma, q)
+        return _epsilon(self.mechanism, tuple(history), float(delta))
+
     def epsilon_after(self, extra_steps: int, noise_multiplier: float, sample_rate: float, delta: float) -> float:
-        """Epsilon after ``extra_steps`` more steps with these settings (to stop before the budget is exceeded)."""
-        return self._epsilon_of(tuple(_extended(self.history, extra_steps, noise_multiplier, sample_rate)), delta)
+        """Epsilon after ``extra_steps`` more DP-SGD steps with these settings."""
+        return self.epsilon_with([(noise_multiplier, sample_rate, extra_steps)], delta)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain python state (loads under ``torch.load(weights_only=True)``)."""
-        state = {key: getattr(self, key) for key in _STATE_KEYS}
-        return {**state, "history": [[float(s), float(q), int(n)] for s, q, n in self.history]}
+        return {
+            "version": self.STATE_VERSION,
+            "mechanism": self.mechanism,
+            "steps": int(self.steps),
+            "history": [[float(s), float(q), int(n)] for s, q, n in self.history],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores the history after checking that the state belongs to an accountant like this one."""
-        for key in _STATE_KEYS if not self.poisson else _STATE_KEYS[:2]:  # steps_per_epoch: only without Poisson
-            if state.get(key) != getattr(self, key):
-                raise ValueError(
-                    f"accountant state has {key}={state.get(key)!r} but this accountant has {getattr(self, key)!r}: "
-                    "resume with the original privacy settings (a restart from scratch is a new run)"
-                )
+        """Restores the history after checking that the state belongs to an accountant like this one.
+
+        States written before events (version 1) are converted conservatively: a Poisson history is kept as it is;
+        a non-Poisson one (whose per-epoch composition under-counted reshuffled passes) counts every step as a full
+        Gaussian mechanism, a valid upper bound.
+        """
+        if state.get("mechanism") != self.mechanism:
+            raise ValueError(
+                f"accountant state has mechanism={state.get('mechanism')!r} but this accountant has "
+                f"{self.mechanism!r}: resume with the original privacy settings (a restart from scratch is a new run)"
+            )
         history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
         if not all(s >= 0 and 0 < q <= 1 and n >= 1 for s, q, n in history):
             raise ValueError(f"invalid accountant history {history}: entries must be (sigma >= 0, 0 < q <= 1, n >= 1)")
-        self.history = history
-
-    def _epsilon_of(self, history: History, delta: float) -> float:
-        if self.poisson:
-            return _epsilon(self.mechanism, history, float(delta))
-        assert self.steps_per_epoch is not None
-        return _epsilon_no_amplification(self.mechanism, _per_epoch(history, self.steps_per_epoch), float(delta))
+        if state.get("version", 1) < 2:
+            steps = sum(n for _, _, n in history)
+            if state.get("poisson", True) is False:
+                history = [(s, 1.0, n) for s, _, n in history]
+        else:
+            steps = int(state["steps"])
+        self.history, self.steps = history, steps
 
 
 def _check_name(name: str) -> None:
@@ -192,17 +214,6 @@ def _extended(history: list, n: int, sigma: float, q: float) -> list[tuple[float
     return [*history, (sigma, q, n)]
 
 
-def _per_epoch(history: History, steps_per_epoch: int) -> History:
-    """One Gaussian per epoch (an example joins at most one batch of it), with that epoch's smallest sigma."""
-    sigmas: dict[int, float] = {}  # epoch -> smallest noise multiplier among its steps
-    step = 0
-    for sigma, _, n in history:
-        for epoch in range(step // steps_per_epoch, (step + n - 1) // steps_per_epoch + 1) if n > 0 else ():
-            sigmas[epoch] = min(sigmas.get(epoch, sigma), sigma)
-        step += n
-    return tuple((sigma, 1.0, len(list(run))) for sigma, run in itertools.groupby(sigmas.values()))
-
-
 def _validate(mechanism: str, history: History, delta: float) -> None:
     _check_name(mechanism)
     if not 0 < delta < 1:
@@ -214,11 +225,14 @@ def _validate(mechanism: str, history: History, delta: float) -> None:
 
 @functools.lru_cache(maxsize=4096)
 def _epsilon(mechanism: str, history: History, delta: float) -> float:
-    """Poisson epsilon of a history; cached by (mechanism, history, delta)."""
+    """Epsilon of a composition of (Poisson-subsampled) Gaussians ``(sigma, q, n)``; cached by its arguments."""
     _validate(mechanism, history, delta)
     history = tuple(h for h in history if h[2] > 0)
     if not history or min(sigma for sigma, _, _ in history) == 0:
         return math.inf if history else 0.0
+    if mechanism == "gdp" and all(q == 1.0 for _, q, _ in history):
+        # Exact: Gaussian mechanisms with noise multipliers sigma_i compose to mu-GDP, mu = sqrt(sum n_i / sigma_i^2).
+        return _gdp_epsilon(math.sqrt(sum(n / sigma**2 for sigma, _, n in history)), delta)
     if mechanism == "gdp" and len(history) > 1:
         raise ValueError("the gdp accountant needs a constant noise_multiplier and sample_rate; use rdp or prv")
     with warnings.catch_warnings():  # Opacus: "optimal order is the largest alpha", gdp "experimental", log(1 - 1)
@@ -251,14 +265,7 @@ def _rdp_per_step(sigma: float, q: float) -> Any:  # numpy array over RDP_ORDERS
 
 def _epsilon_no_amplification(mechanism: str, history: History, delta: float) -> float:
     """Epsilon of a composition of Gaussian mechanisms (no subsampling): ``history`` entries are (sigma, _, n)."""
-    history = tuple((sigma, 1.0, n) for sigma, _, n in history if n > 0)
-    if mechanism != "gdp":
-        return _epsilon(mechanism, history, delta)
-    _validate(mechanism, history, delta)
-    if not history or min(sigma for sigma, _, _ in history) == 0:
-        return math.inf if history else 0.0
-    # Exact: n Gaussian mechanisms with noise multiplier sigma compose to mu-GDP with mu = sqrt(sum n / sigma^2).
-    return _gdp_epsilon(math.sqrt(sum(n / sigma**2 for sigma, _, n in history)), delta)
+    return _epsilon(mechanism, tuple((sigma, 1.0, n) for sigma, _, n in history if n > 0), delta)
 
 
 def _bisect(eps_of: functools.partial[float], target: float, rtol: float, setting: str, advice: str) -> float:

@@ -28,15 +28,17 @@ def planned_steps(max_steps: int | None, max_epochs: int | None, steps_per_epoch
     )
 
 
-def resolve_noise_multiplier(config: PrivacyConfig, plan: SamplingPlan, steps: int | None) -> float:
-    """The configured noise multiplier, or the smallest one that keeps ``steps`` steps within ``target_epsilon``.
+def resolve_noise_multiplier(config: PrivacyConfig, plan: SamplingPlan, steps: int | None, passes: int | None) -> float:
+    """The configured noise multiplier, or the smallest one that keeps the plan within ``target_epsilon``.
 
-    Without Poisson sampling the calibration uses the same no-amplification bound the accountant reports.
+    Poisson sampling: ``steps`` subsampled Gaussians. Otherwise ``passes`` Gaussians without amplification, the
+    bound the accountant reports (one per pass over the data that starts).
     """
     if config.noise_multiplier is not None:
         return config.noise_multiplier
-    assert config.target_epsilon is not None and steps is not None
+    assert config.target_epsilon is not None
     if config.poisson_sampling:
+        assert steps is not None
         sigma = calibrate_noise_multiplier(
             target_epsilon=config.target_epsilon,
             sample_rate=plan.sample_rate,
@@ -44,15 +46,37 @@ def resolve_noise_multiplier(config: PrivacyConfig, plan: SamplingPlan, steps: i
             delta=config.delta,
             accountant=config.accountant,
         )
-    else:
-        sigma = calibrate_noise_multiplier_no_amplification(
-            target_epsilon=config.target_epsilon,
-            epochs_participated=math.ceil(steps / plan.steps_per_epoch),
-            delta=config.delta,
-            accountant=config.accountant,
-        )
-    log.info("Calibrated noise_multiplier=%.4f for epsilon=%g over %d steps", sigma, config.target_epsilon, steps)
+        log.info("Calibrated noise_multiplier=%.4f for epsilon=%g over %d steps", sigma, config.target_epsilon, steps)
+        return sigma
+    assert passes is not None
+    sigma = calibrate_noise_multiplier_no_amplification(
+        target_epsilon=config.target_epsilon,
+        epochs_participated=passes,
+        delta=config.delta,
+        accountant=config.accountant,
+    )
+    log.info("Calibrated noise_multiplier=%.4f for epsilon=%g over %d passes", sigma, config.target_epsilon, passes)
     return sigma
+
+
+def steps_per_epoch(limit_train_batches: int | float, logical_steps_per_epoch: int) -> int:
+    """Logical steps Lightning runs an epoch under ``limit_train_batches`` (at most: virtual steps can make fewer)."""
+    if isinstance(limit_train_batches, int):
+        return max(0, min(limit_train_batches, logical_steps_per_epoch))
+    return max(0, min(logical_steps_per_epoch, int(logical_steps_per_epoch * limit_train_batches)))
+
+
+def planned_passes(max_steps: int | None, max_epochs: int | None, steps_per_epoch: int) -> int:
+    """Passes over the data a non-Poisson run plans: each epoch starts one (a shorter epoch still does)."""
+    if max_steps is not None and max_steps > 0:
+        passes = math.ceil(max_steps / max(1, steps_per_epoch))
+        return min(passes, max_epochs) if max_epochs is not None and max_epochs > 0 else passes
+    if max_epochs is not None and max_epochs > 0:
+        return max_epochs
+    raise PrivacyConfigError(
+        "`target_epsilon` is calibrated over the planned number of passes: set `trainer.max_epochs` or "
+        "`trainer.max_steps`, or give `noise_multiplier` instead."
+    )
 
 
 def steps_within_budget(
@@ -100,4 +124,11 @@ def step_limit(
     return accountant.steps + more
 
 
-__all__ = ["planned_steps", "resolve_noise_multiplier", "step_limit", "steps_within_budget"]
+__all__ = [
+    "planned_passes",
+    "planned_steps",
+    "resolve_noise_multiplier",
+    "step_limit",
+    "steps_per_epoch",
+    "steps_within_budget",
+]

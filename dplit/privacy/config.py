@@ -44,14 +44,18 @@ class PrivacyConfig:
     (book-keeping clipping, one backward pass; Linear/Conv2d models, flat clipping only)."""
     poisson_sampling: bool = True
     """Poisson sampling (what the accountant assumes). If false, batches are shuffled fixed-size batches and the
-    reported epsilon is the no-amplification bound (one Gaussian mechanism per epoch, zero-out adjacency)."""
+    reported epsilon is the no-amplification bound: one Gaussian mechanism per pass over the data that started
+    (each epoch, each resume), under zero-out adjacency."""
     max_physical_batch_size: int | None = None
     """Split each logical (Poisson) batch into physical batches of at most this size (virtual steps): same
     privacy, less memory."""
     secure_mode: bool = False
-    """Cryptographically secure noise and sampling (needs ``torchcsprng``)."""
-    seed: int | None = None
-    """Seed of the sampling and noise generators (None: derived from the global seed)."""
+    """Cryptographically secure noise and sampling (needs ``torchcsprng``). Without it the generators are still
+    seeded from OS entropy, never from the run's seed."""
+    insecure_testing_seed: int | None = None
+    """TESTS ONLY: derive the sampling and noise from this number, which the run's config publishes, so that
+    anyone can regenerate the noise and the guarantee does not hold. Recorded in the run's privacy state and
+    warned about on every fit."""
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -102,10 +106,10 @@ class PrivacyConfig:
         """Hash of everything that changes the privacy guarantee, plus resolved values (sigma, q, N).
 
         Implementation choices that do not change the guarantee (grad_sample_mode, max_physical_batch_size,
-        secure_mode, seed) are left out, so a run may resume with them changed.
+        secure_mode, insecure_testing_seed) are left out, so a run may resume with them changed.
         """
         keys = asdict(self)
-        for k in ("grad_sample_mode", "max_physical_batch_size", "secure_mode", "seed"):
+        for k in ("grad_sample_mode", "max_physical_batch_size", "secure_mode", "insecure_testing_seed"):
             keys.pop(k)
         keys.update(resolved)
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=repr).encode()).hexdigest()[:16]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ def open_ledger(
     """The run's ledger: the checkpoint's (whose extra steps, taken after the checkpoint, are added to
     ``accountant``) or a new one in ``log_dir``."""
     if not state or not state.get("ledger_path"):
-        return PrivacyLedger(Path(log_dir) / "privacy_ledger.json")
+        run_id = uuid.uuid4().hex
+        # one file per run: a second run in the same log dir never overwrites the first run's record
+        return PrivacyLedger(Path(log_dir) / f"privacy_ledger-{run_id[:12]}.json", run_id=run_id)
     ledger = PrivacyLedger(state["ledger_path"], run_id=state.get("run_id"))
     recorded = ledger.read(fingerprint)
     if recorded is not None and recorded_steps(recorded) > accountant.steps:

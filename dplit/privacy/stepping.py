@@ -1,0 +1,235 @@
+"""What runs is what is accounted: logical batches, passes, the budget guard and the accountant, per optimizer step.
+
+Three pieces, all owned by dplit (no Opacus internals):
+
+* the **batch samplers** (:class:`TrackedBatches` over Poisson or shuffled fixed-size batches) split each logical
+  batch into physical ones (virtual steps) and, as they yield, append to a :class:`BatchTrace` whether each
+  physical batch closes its logical batch and which pass over the data it belongs to;
+* the callback pops that record at every ``on_train_batch_start`` (Lightning consumes batches in loader order, so
+  the oldest record is the current batch's);
+* :class:`StepController`, consulted by the DP optimizer's ``pre_step`` (see :func:`controlled_optimizer_class`),
+  decides for each physical batch: accumulate (not the last of its logical batch), release (clip, noise, step,
+  record the step's privacy events in the accountant: exactly once per noised step), or refuse (the release
+  would exceed the budget: nothing is noised, stepped or accounted).
+
+A logical batch cut by the end of an epoch (``limit_train_batches``) never reaches a release: its accumulated
+clipped gradients are discarded at the next epoch start, so it is neither used nor accounted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+from dplit.privacy.accounting import Event, PrivacyAccountant
+
+
+class BatchTrace:
+    """FIFO of ``(closes_logical_batch, pass_id)`` for the physical batches yielded and not yet consumed."""
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[bool, int | None]] = deque()
+        self.passes = 0
+        """Passes over the data started so far (non-Poisson sampling)."""
+
+    def new_iteration(self) -> None:
+        """A new loader iteration: the records of an abandoned one (prefetched batches) no longer apply."""
+        self._queue.clear()
+
+    def push(self, closes: bool, pass_id: int | None) -> None:
+        self._queue.append((closes, pass_id))
+
+    def pop(self) -> tuple[bool, int | None]:
+        if not self._queue:
+            raise RuntimeError(
+                "DifferentialPrivacy: a training batch did not come from the private loader's sampler, so its "
+                "sampling cannot be matched with the accountant."
+            )
+        return self._queue.popleft()
+
+
+class ShuffledBatches(Sampler[list[int]]):
+    """Fixed-size batches of a fresh random permutation per iteration; each iteration is one pass over the data."""
+
+    def __init__(self, num_examples: int, batch_size: int, generator: torch.Generator, trace: BatchTrace) -> None:
+        self.num_examples, self.batch_size, self.generator, self.trace = num_examples, batch_size, generator, trace
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_examples / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.num_examples, generator=self.generator).tolist()
+        for start in range(0, self.num_examples, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+
+class TrackedBatches(Sampler[list[int]]):
+    """Wraps a logical batch sampler: splits batches into physical ones and records each in a :class:`BatchTrace`.
+
+    Args:
+        logical: yields logical batches (Poisson draws, or :class:`ShuffledBatches`).
+        trace: where each physical batch's record goes.
+        max_physical_batch_size: split size (None: no split).
+        passes: True when each iteration of ``logical`` is a pass over the data (non-Poisson sampling).
+    """
+
+    def __init__(
+        self, logical: Any, trace: BatchTrace, max_physical_batch_size: int | None = None, passes: bool = False
+    ) -> None:
+        self.logical, self.trace, self.max_physical, self.passes = logical, trace, max_physical_batch_size, passes
+
+    def __len__(self) -> int:
+        if self.max_physical is not None:
+            # The number of physical batches of a Poisson epoch is random: with a length, Lightning could end the
+            # epoch inside a logical batch; without one it runs the sampler to exhaustion.
+            raise TypeError("the number of physical batches of a split epoch is random")
+        return len(self.logical)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.trace.new_iteration()
+        pass_id: int | None = None
+        for batch in self.logical:
+            if self.passes and pass_id is None:
+                self.trace.passes += 1
+                pass_id = self.trace.passes
+            indices = list(batch)
+            size = self.max_physical or max(1, len(indices))
+            chunks = [indices[i : i + size] for i in range(0, len(indices), size)] or [[]]
+            for k, chunk in enumerate(chunks):
+                self.trace.push(k == len(chunks) - 1, pass_id)
+                yield chunk
+
+
+class StepController:
+    """Per physical batch: accumulate, release (and account) or refuse; see the module docstring.
+
+    Args:
+        accountant: composes the events of every released step.
+        events: the privacy events a released step spends (for Poisson sampling: the algorithm's per-step list).
+        pass_events: the events a non-Poisson pass spends, recorded with the first release of each pass (None
+            under Poisson sampling).
+        budget: epsilon not to exceed (None: no budget).
+        delta: the delta of the budget.
+        step_limit: precomputed total logical steps within the budget (Poisson; None to check each release).
+        on_release: called after each release is accounted (ledger write).
+    """
+
+    def __init__(
+        self,
+        accountant: PrivacyAccountant,
+        events: list[Event],
+        pass_events: list[Event] | None,
+        budget: float | None,
+        delta: float,
+        step_limit: int | None,
+        on_release: Callable[[], None] | None = None,
+    ) -> None:
+        self.accountant, self.events, self.pass_events = accountant, events, pass_events
+        self.budget, self.delta, self.step_limit, self.on_release = budget, delta, step_limit, on_release
+        self.current: tuple[bool, int | None] | None = None
+        self.stepped = False
+        self.pending = False
+        """A logical batch has accumulated clipped gradients that were not released yet."""
+        self.exhausted = False
+        """A release was refused because it would exceed the budget."""
+        self._accounted_pass: int | None = None
+
+    def begin_batch(self, record: tuple[bool, int | None]) -> None:
+        self.current, self.stepped = record, False
+
+    def _step_events(self, pass_id: int | None) -> list[Event]:
+        if self.pass_events is None:
+            return self.events
+        return self.pass_events if pass_id != self._accounted_pass else []
+
+    def _within_budget(self, events: list[Event]) -> bool:
+        if self.budget is None:
+            return True
+        if self.step_limit is not None:
+            return self.accountant.steps < self.step_limit
+        if not events:
+            return True
+        extra = [(sigma, q, 1) for sigma, q in events]
+        return self.accountant.epsilon_with(extra, self.delta) <= self.budget
+
+    def decide(self) -> str:
+        """``accumulate``, ``release`` or ``refuse`` for the current physical batch (called once per step)."""
+        if self.current is None:
+            raise RuntimeError("DifferentialPrivacy: an optimizer step without a batch from the private loader.")
+        if self.stepped:
+            raise RuntimeError("DifferentialPrivacy: two optimizer steps for one batch (not supported under DP).")
+        self.stepped = True
+        closes, pass_id = self.current
+        if self.exhausted or not self._within_budget(self._step_events(pass_id) if closes else []):
+            self.exhausted = True
+            return "refuse"
+        if not closes:
+            self.pending = True
+            return "accumulate"
+        return "release"
+
+    def released(self) -> None:
+        """Account one released (noised) step: exactly once per noise draw."""
+        assert self.current is not None
+        events = self._step_events(self.current[1])
+        self.accountant.record(events)
+        if self.pass_events is not None:
+            self._accounted_pass = self.current[1]
+        self.pending = False
+        if self.on_release is not None:
+            self.on_release()
+
+
+def controlled_optimizer_class(base: type) -> type:
+    """``base`` (an Opacus DP optimizer class) whose ``pre_step`` asks a :class:`StepController` first."""
+
+    class Controlled(base):  # type: ignore[misc, valid-type]
+        dplit_controller: StepController | None = None
+
+        def pre_step(self, closure: Any = None) -> bool:
+            controller = self.dplit_controller
+            if controller is None:
+                raise RuntimeError("DifferentialPrivacy: the DP optimizer has no step controller.")
+            decision = controller.decide()
+            if decision == "refuse":
+                return False  # nothing clipped, noised, stepped or accounted
+            if decision == "accumulate":
+                self.signal_skip_step(do_skip=True)  # consumed by this very pre_step: no queue outlives the call
+            if not super().pre_step(closure):
+                return False
+            controller.released()
+            return True
+
+    Controlled.__name__ = Controlled.__qualname__ = f"Controlled{base.__name__}"
+    return Controlled
+
+
+def discard_pending(optimizer: Any, controller: StepController) -> bool:
+    """Drop clipped gradients accumulated for a logical batch that was cut (never released, never accounted)."""
+    if not controller.pending:
+        return False
+    for p in optimizer.params:
+        p.summed_grad = None
+    controller.pending = False
+    return True
+
+
+def dataset_size(dataset: Any) -> int:
+    if not isinstance(dataset, Sized):
+        raise TypeError("the training dataset has no len()")
+    return len(dataset)
+
+
+__all__ = [
+    "BatchTrace",
+    "ShuffledBatches",
+    "StepController",
+    "TrackedBatches",
+    "controlled_optimizer_class",
+    "discard_pending",
+]
