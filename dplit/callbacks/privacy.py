@@ -14,6 +14,7 @@ from typing_extensions import override
 from dplit.callbacks._wiring import TrainLoaderPatch
 from dplit.privacy import budget, engine
 from dplit.privacy.accounting import PrivacyAccountant
+from dplit.privacy.algorithms import DPAlgorithm, make_algorithm
 from dplit.privacy.backends import PerSampleBackend, make_backend
 from dplit.privacy.compat import prepare_model
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
@@ -52,6 +53,7 @@ class DifferentialPrivacy(Callback):
         delta: float = 1e-5,
         accountant: AccountantName = "rdp",
         clipping: ClippingMode = "flat",
+        algorithm: str = "dpsgd",
         grad_sample_mode: GradSampleMode = "hooks",
         poisson_sampling: bool = True,
         max_physical_batch_size: int | None = None,
@@ -68,6 +70,7 @@ class DifferentialPrivacy(Callback):
             delta=delta,
             accountant=accountant,
             clipping=clipping,
+            algorithm=algorithm,
             grad_sample_mode=grad_sample_mode,
             poisson_sampling=poisson_sampling,
             max_physical_batch_size=max_physical_batch_size,
@@ -83,6 +86,7 @@ class DifferentialPrivacy(Callback):
         self.optimizer: Any = None
         self.backend: PerSampleBackend | None = None
         self.controller: StepController | None = None
+        self.algorithm: DPAlgorithm | None = None
         self.loader: torch.utils.data.DataLoader | None = None
         """The private train loader of the current fit."""
         self.stop_reason: str | None = None
@@ -90,6 +94,7 @@ class DifferentialPrivacy(Callback):
         self._trace = BatchTrace()
         self._restored: dict[str, Any] | None = None
         self._restored_ledger: dict[str, Any] | None = None
+        self._restored_algorithm: dict[str, Any] | None = None
         self._fingerprint: str | None = None
         self._loader_patch: TrainLoaderPatch | None = None
         self._world_size = 1
@@ -182,9 +187,16 @@ class DifferentialPrivacy(Callback):
             secure=cfg.secure_mode,
             testing_seed=cfg.insecure_testing_seed,
         )
+        names = getattr(getattr(trainer, "datamodule", None), "group_names", None) or []
+        self.algorithm = make_algorithm(
+            cfg.algorithm, max_grad_norm=cfg.max_grad_norm, noise_multiplier=sigma, sample_rate=q, num_groups=len(names)
+        )
+        if self._restored_algorithm is not None:
+            self.algorithm.load_state_dict(self._restored_algorithm)
+            self._restored_algorithm = None
         self.controller = StepController(
             self.accountant,
-            events=[(sigma, q)] if cfg.poisson_sampling else [],
+            self.algorithm,
             pass_events=None if cfg.poisson_sampling else [(sigma, 1.0)],
             budget=cfg.budget,
             delta=cfg.delta,
@@ -260,6 +272,7 @@ class DifferentialPrivacy(Callback):
         if restored.steps > self.accountant.steps:  # never backwards: keep whichever history is longer
             self.accountant.load_state_dict(restored.state_dict())
         self._restored_ledger = state
+        self._restored_algorithm = state.get("algorithm") or None
         log.info("Resumed privacy accountant at step %d (epsilon=%.4g)", self.accountant.steps, self.epsilon)
 
     def _open_ledger(self, trainer: L.Trainer) -> None:
@@ -321,7 +334,9 @@ class DifferentialPrivacy(Callback):
     ) -> None:
         self._check_accumulation(trainer)  # whatever set it (a scheduler, a callback) after setup()
         assert self.controller is not None
-        self.controller.begin_batch(self._trace.pop())
+        self.controller.begin_batch(self._trace.pop(), batch)
+        assert self.backend is not None
+        self.backend.begin_batch()
 
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Any) -> None:
@@ -389,6 +404,7 @@ class DifferentialPrivacy(Callback):
             "privacy/noise_multiplier": float(self.noise_multiplier or 0.0),
             "privacy/sample_rate": self.plan.sample_rate,
             "privacy/steps": float(self.accountant.steps),
+            **{f"privacy/{k}": v for k, v in (self.controller.released_metrics if self.controller else {}).items()},
         }
 
     def _log(self, pl_module: L.LightningModule, on_step: bool) -> None:
@@ -432,6 +448,7 @@ class DifferentialPrivacy(Callback):
             "delta": self.config.delta,
             # metadata: a run trained with public randomness says so in every checkpoint
             "insecure_testing_seed": self.config.insecure_testing_seed is not None,
+            "algorithm": self.algorithm.state_dict() if self.algorithm is not None else {},
         }
         if self.ledger is not None:
             state["ledger_path"] = str(self.ledger.path.resolve())

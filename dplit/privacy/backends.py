@@ -8,6 +8,7 @@ this interface and never branches on a mode name:
 =====================  ==========================================================================================
 ``attach``             ``Backend(module, config)``: hooks on the model
 ``install_loss``       wrap the task's ``criterion`` if the backend needs the loss (ghost), leaving it in state_dict
+``begin_batch``        a physical batch starts (ghost: count layer uses, a second use is refused)
 ``check_loss``         refuse a training loss the backend cannot clip correctly (``on_before_backward``)
 ``after_backward``     finish clipping after ``loss.backward()`` (book-keeping writes the clipped sum)
 ``assert_clipped``     raise before the optimizer step unless this step's gradients were clipped
@@ -30,6 +31,7 @@ from torch import nn
 
 from dplit.privacy.bookkeeping import BookKeeping
 from dplit.privacy.config import PrivacyConfig
+from dplit.privacy.coverage import RepeatedUseGuard
 from dplit.privacy.grad_samplers import keep_for_dp
 
 
@@ -49,6 +51,9 @@ class PerSampleBackend:
 
     def install_loss(self, pl_module: nn.Module, optimizer: Any) -> None:
         """Hook the task's criterion if this backend needs the per-example loss (no-op by default)."""
+
+    def begin_batch(self) -> None:
+        """A new physical batch starts (before its forward pass); no-op by default."""
 
     def check_loss(self, loss: Any) -> None:
         """Refuse a training loss this backend cannot clip correctly (no-op by default)."""
@@ -149,6 +154,27 @@ class GhostLoss(DPTensorFastGradientClipping):
 
     __add__ = __radd__ = __sub__ = __rsub__ = __neg__ = _refuse  # type: ignore[assignment]
 
+    def backward(self) -> None:
+        """Opacus' two backward passes, with the clip factors chosen by dplit's DP algorithm (checked)."""
+        if len(self.loss_per_sample) == 0:
+            self.loss_per_sample.sum().backward()  # an empty Poisson batch: zero gradients, the noise still comes
+            return
+        self.loss_per_sample.mean(dim=0).backward(retain_graph=True)  # hooks: per-example norms
+        self.optimizer.zero_grad()
+        norms = self.module.get_norm_sample()  # [B]
+        controller = getattr(self.optimizer, "dplit_controller", None)
+        if controller is None:
+            raise UnclippedStepError("ghost clipping: the DP optimizer has no step controller")
+        if controller.rows_per_unit(len(norms)) != 1:
+            raise GhostLossError(
+                "ghost clipping computes one norm per row and cannot combine the K rows of a privacy unit before "
+                "clipping; use `grad_sample_mode: hooks` (or functorch) for tasks with several rows per example."
+            )
+        coef = controller.factors(norms)
+        self.module.disable_hooks()
+        (coef.to(self.loss_per_sample.device) * self.loss_per_sample).sum().backward()
+        self.module.enable_hooks()
+
 
 class Ghost(PerSampleBackend):
     """Opacus ghost clipping: per-example norms without per-example gradients, then a second, reweighted backward."""
@@ -168,6 +194,7 @@ class Ghost(PerSampleBackend):
             strict=True,
             max_grad_norm=config.max_grad_norm,
         )
+        self.guard = RepeatedUseGuard(module, "ghost")  # a layer run twice would get per-use norms
         self._criterion: nn.Module | None = None
         self._handles: list[Any] = []
         self._reduction: str | None = None
@@ -186,6 +213,9 @@ class Ghost(PerSampleBackend):
             criterion.register_forward_pre_hook(self._pre_hook),
             criterion.register_forward_hook(self._post_hook),
         ]
+
+    def begin_batch(self) -> None:
+        self.guard.reset()
 
     def _active(self) -> bool:
         return torch.is_grad_enabled() and self.module.training
@@ -230,6 +260,7 @@ class Ghost(PerSampleBackend):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.guard.remove()
         self.hooks.remove_hooks()
         keep_for_dp(self.module, False)
 
@@ -245,6 +276,11 @@ class BookKeepingBackend(PerSampleBackend):
         keep_for_dp(module)
         self.bk = BookKeeping(module, config.max_grad_norm)
         self._seen = 0
+
+    def install_loss(self, pl_module: nn.Module, optimizer: Any) -> None:
+        controller = optimizer.dplit_controller  # the DP algorithm's factors, unit checks
+        self.bk.clip_factors = controller.factors
+        self.bk.rows_per_unit = controller.rows_per_unit
 
     def after_backward(self) -> None:
         self.bk.clip_into_grad()  # p.grad := sum of clipped per-example gradients

@@ -7,84 +7,142 @@ the whole-model norm, and each layer's clipped sum ``sum_i c_i grad_i`` written 
 weighted ``g^T a`` product), without the second backward pass of ghost clipping. The DP optimizer then adds the
 noise once (Opacus' ``DPOptimizerFastGradientClipping``, which reads ``p.grad`` as the clipped sum).
 
-Supported trainable layers: ``nn.Linear`` (any number of leading dims), ``nn.Conv2d`` (groups=1), ``nn.Embedding``
-(sparse per-example norms: each example touches only the rows of its own tokens, so its squared norm is summed over
-its distinct tokens, and the clipped sum is an ``index_add`` of the scaled output gradients; nothing of size
-vocabulary x dim is formed per example) and :class:`dplit.models.lstm.LSTMScan` (recurrent weights, from the gate
-gradients its backward keeps: ghost norms over timesteps per direction, one batched product for the clipped sum).
-For sequence inputs, per-example norms use the ghost-norm identity when ``T^2`` is below the weight size and the
-materialised per-example gradient otherwise (Bu et al.'s layer-wise choice). Others are refused in
-``check_supported`` with the layer's name.
+Coverage is per trainable parameter (invariant 6): a rule covers the direct parameters of a layer of one EXACT type,
+each trainable one clipped whatever the others' ``requires_grad`` (a bias under a frozen weight; BitFit).
+``nn.Linear`` (weight, bias; any leading dims), ``nn.Conv2d`` (weight, bias; groups=1, any padding and
+``padding_mode``: the input is padded as the layer's forward pads it, then unfolded), ``nn.Embedding`` (sparse
+per-example norms over each example's distinct tokens; the clipped sum is an ``index_add``), and
+:class:`dplit.models.lstm.LSTMScan` (from the gate gradients its backward keeps: ghost norms over timesteps per
+direction, one batched product for the clipped sum). ``check_supported`` refuses, by parameter name, a trainable
+parameter of any other module (LayerNorm, a bare ``nn.Parameter``), of a subclass of a rule's type or of a layer
+with parameters outside its rule (adapters), and a parameter shared by several modules (tied weights). A layer run
+twice in one step is refused when it happens (its per-example gradient is the sum over its uses).
+For sequence inputs, norms use the ghost-norm identity when ``T^2`` is below the weight size and the materialised
+per-example gradient otherwise (Bu et al.'s layer-wise choice).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.functional import unfold
+from torch.nn.functional import pad, unfold
 
 from dplit.models.lstm import LSTMScan
+from dplit.privacy.coverage import UncoveredParameterError
 
-SUPPORTED = (nn.Linear, nn.Conv2d, nn.Embedding, LSTMScan)
+RULES: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.Linear: ("weight", "bias"),
+    nn.Conv2d: ("weight", "bias"),
+    nn.Embedding: ("weight",),
+    LSTMScan: ("weight",),
+}
+SUPPORTED = tuple(RULES)
+_ALTERNATIVE = "Use `grad_sample_mode: hooks` or `functorch` for this model (or `ghost`, if no weights are tied)."
 
 
 def _unsupported_reason(m: nn.Module) -> str | None:
-    if not isinstance(m, SUPPORTED):
-        return "no book-keeping rule"
-    if isinstance(m, nn.Conv2d) and (m.groups != 1 or isinstance(m.padding, str)):
-        return "groups != 1 or string padding"
+    rule = RULES.get(type(m))
+    if isinstance(m, nn.MultiheadAttention):
+        return "no book-keeping rule; replace it by opacus.layers.DPMultiheadAttention, built from Linear layers"
+    if rule is None:
+        base = next((t.__name__ for t in SUPPORTED if isinstance(m, t)), None)
+        return f"subclass of {base}: no book-keeping rule for its forward" if base else "no book-keeping rule"
+    extra = [name for name, _ in m.named_parameters(recurse=False) if name not in rule]
+    if extra:
+        return f"parameters outside the {type(m).__name__} rule: {', '.join(extra)}"
+    if isinstance(m, nn.Conv2d) and m.groups != 1:
+        return "groups != 1"
     if isinstance(m, nn.Embedding) and (m.sparse or m.scale_grad_by_freq or m.max_norm is not None):
         return "sparse / scale_grad_by_freq / max_norm"
     return None
 
 
+def _trainable(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in m.named_parameters(recurse=False) if p.requires_grad]
+
+
+def uncovered_parameters(module: nn.Module) -> list[str]:
+    """One entry per module whose trainable parameters book-keeping cannot clip, naming those parameters."""
+    qualified = {p: name for name, p in module.named_parameters()}  # the first name of a shared parameter
+    owners: dict[nn.Parameter, list[str]] = {}
+    for mname, m in module.named_modules():
+        for _, p in _trainable(m):
+            owners.setdefault(p, []).append(mname or "<root>")
+    bad = []
+    for mname, m in module.named_modules():
+        params = _trainable(m)
+        if not params:
+            continue
+        names = ", ".join(qualified[p] for _, p in params)
+        if reason := _unsupported_reason(m):
+            bad.append(f"{mname or '<root>'} ({type(m).__name__}: {reason}; trainable {names})")
+        shared = [p for _, p in params if len(owners[p]) > 1 and owners[p][0] == (mname or "<root>")]
+        bad.extend(
+            f"{qualified[p]} (shared by {' and '.join(owners[p])}: tied weights need the per-example sum over "
+            "their uses before the norm)"
+            for p in shared
+        )
+    return bad
+
+
 def check_supported(module: nn.Module) -> None:
-    """Raise ``ValueError`` naming every trainable layer that book-keeping clipping cannot handle."""
-    bad = [
-        f"{name or '<root>'} ({type(m).__name__}: {reason})"
-        for name, m in module.named_modules()
-        if any(p.requires_grad for p in m.parameters(recurse=False)) and (reason := _unsupported_reason(m))
-    ]
+    """Raise ``ValueError`` naming every trainable parameter that book-keeping clipping cannot clip."""
+    bad = uncovered_parameters(module)
     if bad:
-        raise ValueError(
-            "`grad_sample_mode: bookkeeping` supports trainable Linear, Conv2d (groups=1, numeric padding), "
-            "Embedding (dense, no max_norm) and dplit LSTM layers only; "
-            f"unsupported: {', '.join(bad)}. Use `grad_sample_mode: ghost` or `hooks` for this model."
+        raise UncoveredParameterError(
+            "`grad_sample_mode: bookkeeping` clips the parameters of exact Linear, Conv2d (groups=1), Embedding "
+            f"(dense, no max_norm) and dplit LSTM layers only; unsupported: {', '.join(bad)}. {_ALTERNATIVE}"
         )
 
 
 class BookKeeping:
-    """Hooks on every trainable Linear/Conv2d of ``module``; ``clip_into_grad()`` after each backward.
+    """Hooks on every layer of ``module`` with a trainable parameter; ``clip_into_grad()`` after each backward.
 
     Args:
         module: the model (hooks are attached in place; ``remove_hooks()`` detaches them).
         max_grad_norm: the clipping bound C on each example's whole-model gradient norm.
+
+    Raises:
+        UncoveredParameterError: (a ``ValueError``) a trainable parameter has no rule (see ``check_supported``).
     """
 
     def __init__(self, module: nn.Module, max_grad_norm: float) -> None:
         check_supported(module)
         self.max_grad_norm = max_grad_norm
-        self.layers = [m for m in module.modules() if isinstance(m, SUPPORTED) and m.weight.requires_grad]
-        self._store: dict[nn.Module, dict[str, torch.Tensor]] = {}
+        self.clip_factors: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """Per-example factors from pre-clipping norms (a DP algorithm's); None: min(1, C / norm)."""
+        self.rows_per_unit: Callable[[int], int] | None = None
+        self.names = {m: name or "<root>" for name, m in module.named_modules()}
+        self.layers = [m for m in module.modules() if type(m) in RULES and _trainable(m)]
+        self._store: dict[nn.Module, dict[str, list[torch.Tensor]]] = {}  # per layer: inputs "a", grads "g"
+        self._calls: dict[nn.Module, int] = {}  # training forwards per layer since the last clip_into_grad
         self._handles = []
         for m in self.layers:
-            if isinstance(m, LSTMScan):  # its backward keeps what is needed (no hooks: see _capture)
-                m.keep_for_dp = m.weight_grad_by_dp = True
-                continue
             self._handles.append(m.register_forward_hook(self._forward_hook))
+            if isinstance(m, LSTMScan):  # its backward keeps what is needed (see _capture)
+                m.keep_for_dp = True
+                m.weight_grad_by_dp = True
+                continue
             self._handles.append(m.register_full_backward_hook(self._backward_hook))
         self.last_norms: torch.Tensor | None = None
         self.batches_clipped = 0
 
+    def covered_parameters(self) -> set[nn.Parameter]:
+        """The parameters whose ``grad`` ``clip_into_grad`` writes (every trainable parameter of the model)."""
+        return {p for m in self.layers for _, p in _trainable(m)}
+
     def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         if module.training and torch.is_grad_enabled():
-            self._store[module] = {"a": inputs[0].detach()}
+            self._calls[module] = self._calls.get(module, 0) + 1
+            if not isinstance(module, LSTMScan):  # LSTMScan keeps its own (see _capture)
+                self._store.setdefault(module, {"a": [], "g": []})["a"].append(inputs[0].detach())
 
     def _backward_hook(self, module: nn.Module, grad_input: Any, grad_output: tuple[torch.Tensor, ...]) -> None:
         if module in self._store:
-            self._store[module]["g"] = grad_output[0].detach()
+            self._store[module]["g"].append(grad_output[0].detach())
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -95,57 +153,83 @@ class BookKeeping:
                 m.weight_grad_by_dp = False
 
     def _capture(self, m: nn.Module) -> dict[str, torch.Tensor] | None:
+        kept = self._store.get(m)
+        calls = max(self._calls.get(m, 0), len(kept["g"]) if kept else 0)
+        if calls > 1:
+            names = ", ".join(f"{self.names[m]}.{name}" for name, _ in _trainable(m))
+            raise UncoveredParameterError(
+                f"`grad_sample_mode: bookkeeping`: layer {self.names[m]} ({type(m).__name__}) ran {calls} times in "
+                f"one training step; the per-example gradient of {names} is the sum over its uses, which "
+                "book-keeping does not form. Use `grad_sample_mode: hooks` or `functorch`."
+            )
         if isinstance(m, LSTMScan):
-            if m.saved_dz is None or m.saved_h_prev is None:
+            if calls == 0 or m.saved_dz is None or m.saved_h_prev is None:
                 return None
             entry = {"a": m.saved_h_prev, "g": m.saved_dz}  # [D, B, T, H], [D, B, T, 4H]
             m.clear_saved()
             return entry
-        return self._store.get(m)
+        if kept is None or not kept["g"]:
+            return None
+        return {"a": kept["a"][0], "g": kept["g"][0]}
 
     @torch.no_grad()
     def clip_into_grad(self) -> None:
-        """Replace each layer's ``p.grad`` (the unclipped mean) by the sum of clipped per-example gradients."""
-        entries = [(m, self._capture(m)) for m in self.layers]
-        if any(e is None or "g" not in e for _, e in entries):
-            missing = [type(m).__name__ for m, e in entries if e is None or "g" not in e]
+        """Replace each covered ``p.grad`` (the unclipped mean) by the sum of clipped per-example gradients."""
+        try:
+            entries = [(m, self._capture(m)) for m in self.layers]
+        finally:
+            self._store.clear()
+            self._calls.clear()
+        missing = [self.names[m] for m, e in entries if e is None]
+        if missing:
             raise RuntimeError(f"book-keeping clipping: no activations/gradients captured for {missing}")
+        if not entries:  # nothing trainable (refused earlier by compat.check_model)
+            self.batches_clipped += 1
+            return
+        device, dtype = _trainable(self.layers[0])[0][1].device, _trainable(self.layers[0])[0][1].dtype
         n = _batch_size(*entries[0])
         if n == 0:  # an empty Poisson batch: the clipped sum is zero (the optimizer still adds the noise)
-            for m in self.layers:
-                for p in m.parameters(recurse=False):
-                    if p.requires_grad:
-                        p.grad = torch.zeros_like(p)
-            self.last_norms = torch.zeros(0, device=self.layers[0].weight.device)
-            self._store.clear()
+            for p in self.covered_parameters():
+                p.grad = torch.zeros_like(p)
+            self.last_norms = torch.zeros(0, device=device)
             self.batches_clipped += 1
             return
         per_layer: list[tuple[Any, dict[str, torch.Tensor], torch.Tensor | None]] = []
-        sq_norms = torch.zeros(n, dtype=torch.float64, device=self.layers[0].weight.device)
+        sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
         for m, e in entries:
             assert e is not None
             # the loss is a mean over the n examples: each example's own gradient is n * (its share); every rule
             # is linear in g, so the factor goes on the squared norms (n^2) and the clip factors (n), not on g
-            grads = self._per_example(m, e)  # conv: [n, out, in*k*k]; linear: None (ghost norm)
-            sq = self._sq_norm(m, e, grads) * (n * n)
-            sq_norms += sq.double()
+            grads = self._per_example(m, e)  # conv weight: [n, out, in*k*k]; otherwise None
+            sq_norms += self._sq_norm(m, e, grads).double() * (n * n)
             per_layer.append((m, e, grads))
         norms = sq_norms.sqrt()
         self.last_norms = norms.float()
-        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0).to(self.layers[0].weight.dtype)  # [n]
+        if self.clip_factors is not None:  # a DP algorithm's factors (units: examples; checked by the caller)
+            if self.rows_per_unit is not None and self.rows_per_unit(n) != 1:
+                raise RuntimeError(
+                    "book-keeping clipping computes one norm per row and cannot combine the K rows of a privacy unit "
+                    "before clipping; use `grad_sample_mode: hooks` (or functorch) for tasks with several rows per "
+                    "example."
+                )
+            coef = self.clip_factors(norms).to(dtype)
+        else:
+            coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0).to(dtype)  # [n]
         coef = coef * n  # applied to the captured (mean-loss) gradients: see above
         for m, e, grads in per_layer:
             self._write_clipped(m, e, grads, coef)
-        self._store.clear()
         self.batches_clipped += 1
 
     @staticmethod
     def _per_example(m: nn.Module, e: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        if isinstance(m, (nn.Linear, nn.Embedding, LSTMScan)):
+        if not isinstance(m, nn.Conv2d) or not m.weight.requires_grad:
             return None
-        assert isinstance(m, nn.Conv2d)
-        assert not isinstance(m.padding, str)
-        cols = unfold(e["a"], m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # [n, i*k*k, L]
+        a = e["a"]
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):  # pad as the layer's forward does
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            a = pad(a, m._reversed_padding_repeated_twice, mode=mode)
+        padding = (0, 0) if isinstance(m.padding, str) or m.padding_mode != "zeros" else m.padding
+        cols = unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)  # [n, i*k*k, L]
         g = e["g"].flatten(2)  # [n, out, L]
         return torch.bmm(g, cols.transpose(1, 2))  # [n, out, in*k*k]: each example's weight gradient
 
@@ -160,16 +244,13 @@ class BookKeeping:
             return _seq_sq_norm(a3, g3).view(d, nb).sum(0)
         a, g = e["a"], e["g"]
         n = len(a)
-        if grads is not None:  # conv
-            sq = grads.flatten(1).pow(2).sum(1)
-            if m.bias is not None and m.bias.requires_grad:
-                sq = sq + g.flatten(2).sum(2).pow(2).sum(1)
-            return sq
-        a3, g3 = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])  # [n, T, in], [n, T, out]
-        sq = _seq_sq_norm(a3, g3)
-        if m.bias is not None and m.bias.requires_grad:
-            sq = sq + g3.sum(1).pow(2).sum(1)
-        return sq
+        train_bias = m.bias is not None and m.bias.requires_grad
+        if isinstance(m, nn.Conv2d):
+            sq = grads.flatten(1).pow(2).sum(1) if grads is not None else g.new_zeros(n)
+            return sq + g.flatten(2).sum(2).pow(2).sum(1) if train_bias else sq
+        g3 = g.reshape(n, -1, g.shape[-1])  # [n, T, out]
+        sq = _seq_sq_norm(a.reshape(n, -1, a.shape[-1]), g3) if m.weight.requires_grad else g.new_zeros(n)
+        return sq + g3.sum(1).pow(2).sum(1) if train_bias else sq
 
     @staticmethod
     def _write_clipped(
@@ -192,17 +273,17 @@ class BookKeeping:
             return
         a, g = e["a"], e["g"]
         n = len(a)
-        assert isinstance(m.weight, torch.Tensor)
-        if grads is not None:  # conv: weighted sum of the per-example gradients
-            w = torch.einsum("n,noi->oi", coef, grads).reshape_as(m.weight)
-            b = torch.einsum("n,no->o", coef, g.flatten(2).sum(2)) if m.bias is not None else None
-        else:
-            gc = (g.reshape(n, -1, g.shape[-1]) * coef[:, None, None]).flatten(0, 1)  # [n*T, out]
-            w = gc.T @ a.reshape(-1, a.shape[-1])  # [out, in]
-            b = gc.sum(0) if m.bias is not None else None
         weight, bias = m.weight, m.bias
         assert isinstance(weight, torch.Tensor)
-        weight.grad = w.to(weight.dtype)
+        if isinstance(m, nn.Conv2d):  # weighted sums of the per-example gradients
+            if grads is not None:
+                weight.grad = torch.einsum("n,noi->oi", coef, grads).reshape_as(weight).to(weight.dtype)
+            b = torch.einsum("n,no->o", coef, g.flatten(2).sum(2)) if bias is not None else None
+        else:
+            gc = (g.reshape(n, -1, g.shape[-1]) * coef[:, None, None]).flatten(0, 1)  # [n*T, out]
+            if weight.requires_grad:
+                weight.grad = (gc.T @ a.reshape(-1, a.shape[-1])).to(weight.dtype)  # [out, in]
+            b = gc.sum(0) if bias is not None else None
         if b is not None and isinstance(bias, torch.Tensor) and bias.requires_grad:
             bias.grad = b.to(bias.dtype)
 
@@ -237,4 +318,4 @@ def _embedding_sq_norm(m: nn.Embedding, ids: torch.Tensor, g: torch.Tensor) -> t
     return torch.zeros(n, dtype=g2.dtype, device=g2.device).index_add_(0, uniq // m.num_embeddings, sums.pow(2).sum(1))
 
 
-__all__ = ["BookKeeping", "check_supported"]
+__all__ = ["RULES", "BookKeeping", "check_supported", "uncovered_parameters"]

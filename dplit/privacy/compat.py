@@ -5,8 +5,7 @@ from __future__ import annotations
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from dplit.models.lstm import LSTMScan
-from dplit.privacy.bookkeeping import check_supported
+from dplit.privacy.coverage import check_coverage
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -110,18 +109,11 @@ def prepare_model(module: nn.Module, grad_sample_mode: str, fix_batchnorm: bool 
             clipping is asked of a task without a ``criterion`` module.
     """
     replaced = replace_batchnorm(module) if fix_batchnorm else []
+    try:  # per trainable parameter (invariant 6); first, so that every refusal names the parameter
+        check_coverage(module, grad_sample_mode)
+    except ValueError as err:
+        raise IncompatibleModelError(str(err)) from None
     check_model(module, grad_sample_mode)
-    if grad_sample_mode == "bookkeeping":
-        try:
-            check_supported(module)
-        except ValueError as err:
-            raise IncompatibleModelError(str(err)) from None
-    scans = [name for name, m in module.named_modules() if isinstance(m, LSTMScan)]
-    if grad_sample_mode == "functorch" and scans:
-        raise IncompatibleModelError(
-            f"`grad_sample_mode: functorch` cannot trace dplit's LSTM layers ({', '.join(scans)}: a hand-written "
-            "backward). Use `grad_sample_mode: bookkeeping` (fastest), `hooks` or `ghost`."
-        )
     if grad_sample_mode == "ghost" and not isinstance(getattr(module, "criterion", None), nn.Module):
         raise IncompatibleModelError(
             "`grad_sample_mode: ghost` needs the task to compute its training loss through `self.criterion` "

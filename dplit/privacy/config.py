@@ -38,6 +38,9 @@ class PrivacyConfig:
     CLT approximation: not an upper bound for small N or few steps)."""
     clipping: ClippingMode = "flat"
     """Per-sample clipping: ``flat`` over all parameters, or ``per_layer``."""
+    algorithm: str = "dpsgd"
+    """DP algorithm (a name in ``dplit.privacy.algorithms.ALGORITHMS``): how each example's gradient is weighted
+    before the noise, and which privacy events each step spends. ``dpsgd``: flat clipping to ``max_grad_norm``."""
     grad_sample_mode: GradSampleMode = "hooks"
     """How per-sample gradients are obtained: ``hooks`` (Opacus hooks), ``functorch`` (vmap), ``ghost``
     (ghost clipping: per-sample norms without per-sample gradients; flat clipping only), ``bookkeeping``
@@ -94,6 +97,17 @@ class PrivacyConfig:
             )
         if self.grad_sample_mode in ("ghost", "bookkeeping") and self.clipping != "flat":
             raise PrivacyConfigError(f"`grad_sample_mode: {self.grad_sample_mode}` supports `clipping: flat` only.")
+        from dplit.privacy.algorithms import ALGORITHMS
+
+        if self.algorithm not in ALGORITHMS:
+            raise PrivacyConfigError(
+                f"`algorithm` must be one of {', '.join(sorted(ALGORITHMS))}; got {self.algorithm!r}."
+            )
+        if self.algorithm != "dpsgd" and (self.clipping != "flat" or not self.poisson_sampling):
+            raise PrivacyConfigError(
+                f"`algorithm: {self.algorithm}` needs `clipping: flat` and Poisson sampling (its extra releases are "
+                "accounted as subsampled mechanisms)."
+            )
         if self.max_physical_batch_size is not None and self.max_physical_batch_size < 1:
             raise PrivacyConfigError(f"`max_physical_batch_size` must be >= 1, got {self.max_physical_batch_size}.")
 

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from opacus.optimizers import DPPerLayerOptimizer, SimpleDistributedPerLayerOptimizer
 from torch.utils.data import Sampler
 
 from dplit.privacy.accounting import Event, PrivacyAccountant
+from dplit.privacy.algorithms import DPAlgorithm, checked_factors
 
 
 class BatchTrace:
@@ -110,7 +112,7 @@ class StepController:
 
     Args:
         accountant: composes the events of every released step.
-        events: the privacy events a released step spends (for Poisson sampling: the algorithm's per-step list).
+        algorithm: weights each unit's gradient and declares the events a released step spends (Poisson sampling).
         pass_events: the events a non-Poisson pass spends, recorded with the first release of each pass (None
             under Poisson sampling).
         budget: epsilon not to exceed (None: no budget).
@@ -122,14 +124,15 @@ class StepController:
     def __init__(
         self,
         accountant: PrivacyAccountant,
-        events: list[Event],
+        algorithm: DPAlgorithm,
         pass_events: list[Event] | None,
         budget: float | None,
         delta: float,
         step_limit: int | None,
         on_release: Callable[[], None] | None = None,
     ) -> None:
-        self.accountant, self.events, self.pass_events = accountant, events, pass_events
+        self.accountant, self.algorithm, self.pass_events = accountant, algorithm, pass_events
+        self.events = algorithm.events()
         self.budget, self.delta, self.step_limit, self.on_release = budget, delta, step_limit, on_release
         self.current: tuple[bool, int | None] | None = None
         self.stepped = False
@@ -138,9 +141,35 @@ class StepController:
         self.exhausted = False
         """A release was refused because it would exceed the budget."""
         self._accounted_pass: int | None = None
+        self.groups: torch.Tensor | None = None
+        """Group ids ``[units]`` of the current physical batch (None when the batch carries none)."""
+        self.released_metrics: dict[str, float] = {}
 
-    def begin_batch(self, record: tuple[bool, int | None]) -> None:
+    def begin_batch(self, record: tuple[bool, int | None], batch: Any = None) -> None:
         self.current, self.stepped = record, False
+        group = batch[2] if isinstance(batch, list | tuple) and len(batch) >= 3 else None
+        self.groups = group if isinstance(group, torch.Tensor) and group.dim() == 1 else None
+
+    def rows_per_unit(self, rows: int) -> int:
+        """K rows of the physical batch per privacy unit (per dataset item), from the group ids' length.
+
+        A dataset item is the unit of privacy: a task that turns each item into K rows (augmented views, a sentence
+        and its counterfactual) must lay them out unit-major (item 0's K rows, then item 1's, ...).
+        """
+        if self.groups is None or len(self.groups) in (0, rows):
+            return 1
+        units = len(self.groups)
+        if rows % units:
+            raise RuntimeError(
+                f"DifferentialPrivacy: {rows} gradient rows for {units} dataset items; a privacy unit's rows must be "
+                "K consecutive rows (unit-major layout) so that they are combined before clipping."
+            )
+        return rows // units
+
+    def factors(self, norms: torch.Tensor) -> torch.Tensor:
+        """The algorithm's per-unit factors for pre-clipping unit norms, checked against its sensitivity."""
+        groups = self.groups if self.groups is not None and len(self.groups) == len(norms) else None
+        return checked_factors(self.algorithm, norms, groups)
 
     def _step_events(self, pass_id: int | None) -> list[Event]:
         if self.pass_events is None:
@@ -178,6 +207,8 @@ class StepController:
         assert self.current is not None
         events = self._step_events(self.current[1])
         self.accountant.record(events)
+        self.released_metrics = self.algorithm.on_release()
+        self.events = self.algorithm.events()
         if self.pass_events is not None:
             self._accounted_pass = self.current[1]
         self.pending = False
@@ -200,10 +231,32 @@ def controlled_optimizer_class(base: type) -> type:
                 return False  # nothing clipped, noised, stepped or accounted
             if decision == "accumulate":
                 self.signal_skip_step(do_skip=True)  # consumed by this very pre_step: no queue outlives the call
+            self.max_grad_norm = controller.algorithm.sensitivity  # the noise std is sigma times this
             if not super().pre_step(closure):
                 return False
             controller.released()
             return True
+
+        def clip_and_accumulate(self) -> None:
+            """Per-unit norms (a unit's K rows summed first), the algorithm's checked factors, their weighted sum."""
+            if isinstance(self, DPPerLayerOptimizer | SimpleDistributedPerLayerOptimizer):
+                return super().clip_and_accumulate()  # per-layer clipping: Opacus' own (DP-SGD, one row a unit)
+            controller = self.dplit_controller
+            assert controller is not None
+            grads = self.grad_samples  # each [rows, *param.shape]
+            rows = len(grads[0])
+            k = controller.rows_per_unit(rows)
+            if k > 1:
+                grads = [g.reshape(rows // k, k, *g.shape[1:]).sum(1) for g in grads]
+            if rows:
+                norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
+            else:
+                norms = torch.zeros(0, device=grads[0].device)
+            factors = controller.factors(norms)
+            for p, g in zip(self.params, grads, strict=True):
+                g = g.to(p.dtype)
+                clipped = torch.einsum("i,i...", factors.to(device=g.device, dtype=p.dtype), g)
+                p.summed_grad = clipped if p.summed_grad is None else p.summed_grad + clipped
 
     Controlled.__name__ = Controlled.__qualname__ = f"Controlled{base.__name__}"
     return Controlled
@@ -217,12 +270,6 @@ def discard_pending(optimizer: Any, controller: StepController) -> bool:
         p.summed_grad = None
     controller.pending = False
     return True
-
-
-def dataset_size(dataset: Any) -> int:
-    if not isinstance(dataset, Sized):
-        raise TypeError("the training dataset has no len()")
-    return len(dataset)
 
 
 __all__ = [
