@@ -420,6 +420,11 @@ class DifferentialPrivacy(Callback):
         return self.backend.per_example_norms(self.optimizer)
 
     @property
+    def clip_bound(self) -> float:
+        """The per-example clipping bound (the DP algorithm's sensitivity), for diagnostics."""
+        return self.algorithm.sensitivity if self.algorithm is not None else self.config.max_grad_norm
+
+    @property
     def epsilon(self) -> float:
         """Epsilon spent so far at ``delta`` (0 before the first step)."""
         return 0.0 if self.accountant is None else self.accountant.epsilon(self.config.delta)

@@ -18,10 +18,13 @@ Gate order within ``4H`` is ``i, f, o, g``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 
 class _ScanFn(torch.autograd.Function):
@@ -64,8 +67,6 @@ class _ScanFn(torch.autograd.Function):
         out = torch.cat([h_prev[:, :, 1:], h[:, :, None]], 2)  # h_t for t = 0..T-1, [D, B, T, H]
         ctx.save_for_backward(weight, mask, acts, c_new_all, h_prev, c_prev)
         ctx.module = module
-        if module is not None:
-            module.saved_h_prev = h_prev
         return _dbt_to_batch_first(out)
 
     @staticmethod
@@ -97,13 +98,14 @@ class _ScanFn(torch.autograd.Function):
             dh = torch.bmm(dz, weight) + dh * keep  # [D, B, H]
         grad_x = _dbt_to_batch_first(dz_all) if ctx.needs_input_grad[0] else None
         module: LSTMScan | None = ctx.module
+        skip_weight_grad = False
+        if module is not None:  # gate-gradient hooks: each may take over the weight gradient (returns True)
+            for hook in list(module._gate_grad_hooks.values()):
+                skip_weight_grad |= bool(hook(module, h_prev, dz_all, grad_out))
         grad_w = None
-        if ctx.needs_input_grad[1] and not (module is not None and module.weight_grad_by_dp):
+        if ctx.needs_input_grad[1] and not skip_weight_grad:
             # sum over timesteps and examples of dz_t h_{t-1}^T, per direction
             grad_w = torch.bmm(dz_all.view(d, b * t_len, four_h).transpose(1, 2), h_prev.view(d, b * t_len, h_dim))
-        if module is not None:
-            module.saved_dz = dz_all
-            module.saved_grad_out = grad_out
         return grad_x, grad_w, None, None
 
 
@@ -126,10 +128,10 @@ def _dbt_to_batch_first(x: Tensor) -> Tensor:
 class LSTMScan(nn.Module):
     """The recurrent part of one LSTM layer (``D`` directions): ``h = scan(xproj)``, with weight ``[D, 4H, H]``.
 
-    Set ``keep_for_dp = True`` (done by the DP engine) to keep, after each backward, the gate gradients
-    ``saved_dz`` ``[D, B, T, 4H]`` and previous hidden states ``saved_h_prev`` ``[D, B, T, H]`` (each direction in
-    its own time order), from which per-example gradients of ``weight`` are formed. ``weight_grad_by_dp = True``
-    (set by book-keeping clipping, which writes ``weight.grad`` itself) skips the summed weight gradient.
+    A plain module. Like ``nn.Module``'s own hooks, :meth:`register_gate_grad_hook` lets other code observe what the
+    hand-written backward computes: the previous hidden states ``h_prev`` ``[D, B, T, H]`` and gate gradients
+    ``dz`` ``[D, B, T, 4H]`` of every timestep (each direction in its own time order), from which per-example
+    weight gradients are one product (``dplit.privacy.lstm_rules`` uses it).
     """
 
     def __init__(self, hidden_size: int, num_directions: int = 1) -> None:
@@ -139,26 +141,19 @@ class LSTMScan(nn.Module):
         self.hidden_size = hidden_size
         self.num_directions = num_directions
         self.weight = nn.Parameter(torch.empty(num_directions, 4 * hidden_size, hidden_size))
-        self.keep_for_dp = False
-        self.weight_grad_by_dp = False
-        self.saved_dz: Tensor | None = None
-        self.saved_h_prev: Tensor | None = None
-        self.saved_grad_out: Tensor | None = None
+        self._gate_grad_hooks: OrderedDict[int, Callable[..., bool | None]] = OrderedDict()
+
+    def register_gate_grad_hook(self, hook: Callable[..., bool | None]) -> RemovableHandle:
+        """``hook(module, h_prev, dz, grad_out)`` runs in each backward of a training forward; if it returns True,
+        the summed weight gradient is not computed (the hook's owner writes ``weight.grad`` itself)."""
+        handle = RemovableHandle(self._gate_grad_hooks)
+        self._gate_grad_hooks[handle.id] = hook
+        return handle
 
     def forward(self, xproj: Tensor, mask: Tensor) -> Tensor:
         """``xproj`` ``[B, T, D*4H]`` (input projections incl. bias), ``mask`` ``[B, T]`` bool -> ``[B, T, D*H]``."""
-        # intermediates are kept for per-example gradients only in a training forward that will be backpropagated
-        keep = self.keep_for_dp and self.training and torch.is_grad_enabled()
-        return _ScanFn.apply(xproj, self.weight, mask, self if keep else None)  # type: ignore[no-any-return]
-
-    def per_example_grad(self) -> Tensor:
-        """Per-example gradients ``[B, D, 4H, H]`` of the last backward (needs ``keep_for_dp``)."""
-        if self.saved_dz is None or self.saved_h_prev is None:
-            raise RuntimeError("LSTMScan.per_example_grad: no saved backward (set keep_for_dp before the forward)")
-        return torch.einsum("dbtg,dbth->bdgh", self.saved_dz, self.saved_h_prev)
-
-    def clear_saved(self) -> None:
-        self.saved_dz = self.saved_h_prev = self.saved_grad_out = None
+        observed = bool(self._gate_grad_hooks) and self.training and torch.is_grad_enabled()
+        return _ScanFn.apply(xproj, self.weight, mask, self if observed else None)  # type: ignore[no-any-return]
 
 
 class LSTM(nn.Module):

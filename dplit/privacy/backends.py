@@ -29,10 +29,11 @@ from opacus.grad_sample.utils import prepare_module
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
+from dplit.privacy import grad_samplers  # noqa: F401  (registers dplit's Opacus rules)
 from dplit.privacy.bookkeeping import BookKeeping
 from dplit.privacy.config import PrivacyConfig
 from dplit.privacy.coverage import RepeatedUseGuard
-from dplit.privacy.grad_samplers import keep_for_dp
+from dplit.privacy.lstm_rules import GateCapture
 
 
 class UnclippedStepError(RuntimeError):
@@ -81,7 +82,7 @@ class OpacusHooks(PerSampleBackend):
 
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         super().__init__(module, config)
-        keep_for_dp(module)  # LSTMScan layers keep their gate gradients for the per-example rules
+        self.gates = GateCapture(module)  # dplit LSTM layers: gate gradients for the per-example rule
         self.hooks = prepare_module(
             module, grad_sample_mode=self.name, wrap_model=False, batch_first=True, loss_reduction="mean", strict=True
         )
@@ -109,7 +110,7 @@ class OpacusHooks(PerSampleBackend):
 
     def detach(self) -> None:
         self.hooks.remove_hooks()
-        keep_for_dp(self.module, False)
+        self.gates.remove()
 
 
 class Functorch(OpacusHooks):
@@ -184,7 +185,7 @@ class Ghost(PerSampleBackend):
 
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         super().__init__(module, config)
-        keep_for_dp(module)
+        self.gates = GateCapture(module)
         self.hooks = prepare_module(
             module,
             grad_sample_mode="ghost",
@@ -262,7 +263,7 @@ class Ghost(PerSampleBackend):
         self._handles = []
         self.guard.remove()
         self.hooks.remove_hooks()
-        keep_for_dp(self.module, False)
+        self.gates.remove()
 
 
 class BookKeepingBackend(PerSampleBackend):
@@ -273,7 +274,6 @@ class BookKeepingBackend(PerSampleBackend):
 
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         super().__init__(module, config)
-        keep_for_dp(module)
         self.bk = BookKeeping(module, config.max_grad_norm)
         self._seen = 0
 
@@ -295,7 +295,6 @@ class BookKeepingBackend(PerSampleBackend):
 
     def detach(self) -> None:
         self.bk.remove_hooks()
-        keep_for_dp(self.module, False)
 
 
 BACKENDS: dict[str, type[PerSampleBackend]] = {

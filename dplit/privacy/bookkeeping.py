@@ -32,6 +32,7 @@ from torch.nn.functional import pad, unfold
 
 from dplit.models.lstm import LSTMScan
 from dplit.privacy.coverage import UncoveredParameterError
+from dplit.privacy.lstm_rules import GateCapture
 
 RULES: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Linear: ("weight", "bias"),
@@ -120,13 +121,11 @@ class BookKeeping:
         self._store: dict[nn.Module, dict[str, list[torch.Tensor]]] = {}  # per layer: inputs "a", grads "g"
         self._calls: dict[nn.Module, int] = {}  # training forwards per layer since the last clip_into_grad
         self._handles = []
+        self._gates = GateCapture(module, own_weight_grad=True)  # LSTM layers: gate gradients, weight.grad by us
         for m in self.layers:
             self._handles.append(m.register_forward_hook(self._forward_hook))
-            if isinstance(m, LSTMScan):  # its backward keeps what is needed (see _capture)
-                m.keep_for_dp = True
-                m.weight_grad_by_dp = True
-                continue
-            self._handles.append(m.register_full_backward_hook(self._backward_hook))
+            if not isinstance(m, LSTMScan):
+                self._handles.append(m.register_full_backward_hook(self._backward_hook))
         self.last_norms: torch.Tensor | None = None
         self.batches_clipped = 0
 
@@ -148,9 +147,7 @@ class BookKeeping:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for m in self.layers:
-            if isinstance(m, LSTMScan):
-                m.weight_grad_by_dp = False
+        self._gates.remove()
 
     def _capture(self, m: nn.Module) -> dict[str, torch.Tensor] | None:
         kept = self._store.get(m)
@@ -163,11 +160,11 @@ class BookKeeping:
                 "book-keeping does not form. Use `grad_sample_mode: hooks` or `functorch`."
             )
         if isinstance(m, LSTMScan):
-            if calls == 0 or m.saved_dz is None or m.saved_h_prev is None:
+            captured = self._gates.take(m)
+            if calls == 0 or captured is None:
                 return None
-            entry = {"a": m.saved_h_prev, "g": m.saved_dz}  # [D, B, T, H], [D, B, T, 4H]
-            m.clear_saved()
-            return entry
+            h_prev, dz, _ = captured
+            return {"a": h_prev, "g": dz}  # [D, B, T, H], [D, B, T, 4H]
         if kept is None or not kept["g"]:
             return None
         return {"a": kept["a"][0], "g": kept["g"][0]}
