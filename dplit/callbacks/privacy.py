@@ -178,8 +178,6 @@ class DifferentialPrivacy(Callback):
         self._restore()
         self._open_ledger(trainer)
         sigma, q = self.noise_multiplier, plan.sample_rate
-        self._step_limit = budget.step_limit(self.accountant, cfg, sigma, q) if cfg.poisson_sampling else None
-        self._check_min_training(trainer, per_epoch)
 
         sampler_rng, noise_rng = make_generators(
             rank=trainer.global_rank,
@@ -194,6 +192,14 @@ class DifferentialPrivacy(Callback):
         if self._restored_algorithm is not None:
             self.algorithm.load_state_dict(self._restored_algorithm)
             self._restored_algorithm = None
+        events = self.algorithm.events()
+        if cfg.target_epsilon is not None and events != [(sigma, q)]:
+            raise PrivacyConfigError(
+                f"`target_epsilon` calibrates the gradient noise alone; `algorithm: {cfg.algorithm}` also releases "
+                "other statistics each step. Give `noise_multiplier` and `max_epsilon` (the budget) instead."
+            )
+        self._step_limit = budget.step_limit(self.accountant, cfg, events) if cfg.poisson_sampling else None
+        self._check_min_training(trainer, per_epoch)
         self.controller = StepController(
             self.accountant,
             self.algorithm,

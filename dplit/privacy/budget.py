@@ -80,16 +80,16 @@ def planned_passes(max_steps: int | None, max_epochs: int | None, steps_per_epoc
 
 
 def steps_within_budget(
-    accountant: PrivacyAccountant, *, noise_multiplier: float, sample_rate: float, delta: float, budget: float
+    accountant: PrivacyAccountant, *, events: list[tuple[float, float]], delta: float, budget: float
 ) -> int:
-    """Largest n >= 0 such that taking n more steps keeps epsilon <= ``budget``.
+    """Largest n >= 0 such that n more steps, each spending ``events``, keep epsilon <= ``budget``.
 
     Epsilon is non-decreasing in the number of steps, so an exponential then a binary search needs
     O(log n) accountant calls: affordable once per fit even for the PRV accountant, unlike a check every step.
     """
 
     def fits(n: int) -> bool:
-        return n == 0 or accountant.epsilon_after(n, noise_multiplier, sample_rate, delta) <= budget
+        return n == 0 or accountant.epsilon_with([(sigma, q, n) for sigma, q in events], delta) <= budget
 
     if not fits(1):
         return 0
@@ -104,18 +104,18 @@ def steps_within_budget(
     return lo
 
 
-def step_limit(
-    accountant: PrivacyAccountant, config: PrivacyConfig, noise_multiplier: float, sample_rate: float
-) -> int | None:
-    """Total steps allowed by ``config.budget`` (None without a budget); refuses a budget below one step."""
+def step_limit(accountant: PrivacyAccountant, config: PrivacyConfig, events: list[tuple[float, float]]) -> int | None:
+    """Total steps allowed by ``config.budget`` (None without a budget); refuses a budget below one step.
+
+    Args:
+        events: the privacy events of one released step (the DP algorithm's list).
+    """
     budget = config.budget
     if budget is None:
         return None
-    more = steps_within_budget(
-        accountant, noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=config.delta, budget=budget
-    )
+    more = steps_within_budget(accountant, events=events, delta=config.delta, budget=budget)
     if more == 0 and accountant.steps == 0:
-        first = accountant.epsilon_after(1, noise_multiplier, sample_rate, config.delta)
+        first = accountant.epsilon_with([(sigma, q, 1) for sigma, q in events], config.delta)
         raise PrivacyConfigError(
             f"A single step already spends epsilon={first:.3g} > budget {budget} (`max_epsilon`). Raise the budget or "
             "`noise_multiplier`."
