@@ -15,7 +15,7 @@ from dplit.callbacks._wiring import TrainLoaderPatch
 from dplit.privacy import budget, engine
 from dplit.privacy.accounting import PrivacyAccountant
 from dplit.privacy.algorithms import DPAlgorithm, make_algorithm
-from dplit.privacy.backends import PerSampleBackend, make_backend
+from dplit.privacy.backends import BACKENDS, PerSampleBackend, make_backend
 from dplit.privacy.compat import prepare_model
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
 from dplit.privacy.ledger import PrivacyLedger
@@ -123,7 +123,7 @@ class DifferentialPrivacy(Callback):
                 f"`trainer.overfit_batches={overfit}` replays the same batches, which is neither the "
                 "Poisson sampling nor the passes the accountant counts. Remove it (or train without DP to debug)."
             )
-        if trainer.world_size > 1 and self.config.grad_sample_mode in ("ghost", "bookkeeping"):
+        if trainer.world_size > 1 and not BACKENDS[self.config.grad_sample_mode].ddp_verified:
             raise PrivacyConfigError(
                 f"`grad_sample_mode: {self.config.grad_sample_mode}` is not verified under DDP (DDP all-reduces the "
                 "gradients before they are clipped). Use `grad_sample_mode: hooks` for multi-device runs."

@@ -45,6 +45,8 @@ class PerSampleBackend:
 
     name: ClassVar[str]
     optimizer_family: ClassVar[str] = "hooks"
+    ddp_verified: ClassVar[bool] = False
+    """Tested under DDP (per-example clipping before DDP's all-reduce, noise once across ranks)."""
 
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         self.module = module
@@ -79,6 +81,7 @@ class OpacusHooks(PerSampleBackend):
     """Opacus per-sample gradients (``p.grad_sample``) by module hooks; the DP optimizer clips them."""
 
     name = "hooks"
+    ddp_verified = True
 
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         super().__init__(module, config)
