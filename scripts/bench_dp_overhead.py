@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -164,13 +165,14 @@ def _datamodule(args: argparse.Namespace) -> Any:
 
 def _run_lightning(args: argparse.Namespace, timer: StepTimer) -> dict[str, Any]:
     import lightning as L
+    import torch
     from lightning.pytorch.callbacks import Callback
 
     from dplit.models import MnistCNN
     from dplit.tasks import ClassificationTask
 
     L.seed_everything(args.seed, verbose=False)
-    task = ClassificationTask(MnistCNN(), optimizer="sgd", lr=LR)
+    task = ClassificationTask(MnistCNN(), optimizer=partial(torch.optim.SGD, lr=LR))
     callbacks: list[Callback] = []
     if args.worker != "nodp":
         from dplit.callbacks import DifferentialPrivacy  # lazily: the non-DP paths run without the privacy core

@@ -16,6 +16,7 @@ does not depend on the words), ``--text-tokens`` tokens a row, no padding.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 TEXT_CONFIGS = (
@@ -104,7 +105,7 @@ def run_text(args: Any, timer: Any) -> dict[str, Any]:
         backbone = _minilm()
     else:
         backbone = _bilstm({"bilstm_torch_nodp": "torch", "bilstm_opacus_dp": "opacus"}.get(config, "dplit"))
-    task = ClassificationTask(backbone, optimizer="adam", lr=TEXT_LR)
+    task = ClassificationTask(backbone, optimizer=partial(torch.optim.Adam, lr=TEXT_LR))
     callbacks: list[Any] = []
     if "_dp" in config:
         from dplit.callbacks import DifferentialPrivacy

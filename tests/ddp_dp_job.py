@@ -2,9 +2,8 @@
 
 import sys
 
-import lightning as L
 import torch
-from dp_helpers import TinyData, tiny_task
+from dp_helpers import TinyData, ddp_trainer, tiny_task
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_privacy_callback import Probe
 
@@ -15,19 +14,7 @@ if __name__ == "__main__":
     probe = Probe()
     dp = DifferentialPrivacy(noise_multiplier=sigma, max_grad_norm=1.0, delta=1e-3, insecure_testing_seed=11)
     ckpt = ModelCheckpoint(dirpath=f"{out}.ckpt", save_last=True)
-    trainer = L.Trainer(
-        callbacks=[dp, probe, ckpt],
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        use_distributed_sampler=False,
-        max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = ddp_trainer([dp, probe, ckpt], max_steps=steps)
     task = tiny_task(lr=1.0, hidden=256)
     trainer.fit(task, datamodule=TinyData(n=400, batch_size=40))
     torch.save(

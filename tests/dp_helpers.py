@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning as L
 import torch
 from torch import nn
@@ -33,9 +35,11 @@ class TinyData(L.LightningDataModule):
 
 
 def tiny_task(dim: int = 20, hidden: int = 32, lr: float = 0.5, **kwargs) -> ClassificationTask:
+    """A small MLP task; plain SGD with ``lr`` unless ``optimizer=`` (a callable ``params -> Optimizer``) is given."""
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 2))
-    return ClassificationTask(backbone, lr=lr, **kwargs)
+    kwargs.setdefault("optimizer", partial(torch.optim.SGD, lr=lr))
+    return ClassificationTask(backbone, **kwargs)
 
 
 def trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
@@ -55,8 +59,25 @@ def trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
     return L.Trainer(callbacks=callbacks, **defaults)
 
 
-def run_ddp_job(script: str, args: list[str], cwd) -> None:
-    """Run a tests/ script that starts 2-process DDP itself (Lightning relaunches the script for rank 1)."""
+def ddp_trainer(callbacks, **kwargs) -> L.Trainer:
+    """The 2-process CPU DDP trainer (gloo) of the tests' DDP jobs; DP needs Lightning's sampler off."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **defaults)
+
+
+def run_job(script: str, args: list[str], cwd=None, returncode: int = 0) -> None:
+    """Run a tests/ script in a fresh Python (DDP jobs start 2 processes themselves; crash jobs kill themselves)."""
     import os
     import subprocess
     import sys
@@ -67,4 +88,9 @@ def run_ddp_job(script: str, args: list[str], cwd) -> None:
     proc = subprocess.run(
         [sys.executable, str(here / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == returncode, proc.stderr[-4000:]
+
+
+def run_ddp_job(script: str, args: list[str], cwd) -> None:
+    """Run a tests/ script that starts 2-process DDP itself (Lightning relaunches the script for rank 1)."""
+    run_job(script, args, cwd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -130,7 +131,7 @@ def _mnist(mnist_root: Path) -> ImbalancedMNISTDataModule:
 def _mlp() -> ClassificationTask:
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
-    return ClassificationTask(backbone, optimizer="adam", lr=1e-3)
+    return ClassificationTask(backbone, optimizer=partial(torch.optim.Adam, lr=1e-3))
 
 
 def test_canary_datamodule(mnist_root):

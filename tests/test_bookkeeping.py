@@ -148,6 +148,10 @@ def test_a_layer_run_twice_is_refused_when_it_happens_and_the_next_step_is_clean
     net = _MaybeTwice().double()
     x = torch.randn(6, 3, dtype=torch.double)
     y = torch.randn(6, 3, dtype=torch.double) * torch.logspace(-2, 2, 6, dtype=torch.double)[:, None]
+    net.twice = False
+    ref = _reference(net, x, y)  # the single-use model's per-example gradients (before any hook is attached)
+    norms = ref.norm(dim=1)
+    net.twice = True
     bk = BookKeeping(net, max_grad_norm=1.0)
     try:
         with torch.no_grad():
@@ -155,8 +159,11 @@ def test_a_layer_run_twice_is_refused_when_it_happens_and_the_next_step_is_clean
         F.mse_loss(net(x), y).backward()
         with pytest.raises(UncoveredParameterError, match=r"layer fc \(Linear\) ran 2 times .*fc\.weight, fc\.bias"):
             bk.clip_into_grad()
+        net.twice = False  # the next step, on the SAME instance, is exact: nothing of the refused step remains
+        net.zero_grad()
+        F.mse_loss(net(x), y).backward()
+        bk.clip_into_grad()
+        ours = torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.requires_grad])
+        torch.testing.assert_close(ours, (ref * (1.0 / (norms + 1e-6)).clamp(max=1.0)[:, None]).sum(0))
     finally:
         bk.remove_hooks()
-    net.twice = False
-    net.zero_grad()
-    _check_exact(net, x, y)

@@ -22,7 +22,8 @@ def _check_steps(ranks: list[dict], sigma: float) -> None:
     b = ranks[0]["batch_size"]
     assert ranks[0]["sample_rate"] == pytest.approx(40 / 400)  # the global q = B/N, as the accountant assumes
     task = tiny_task(lr=1.0, hidden=256)
-    for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"]):
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 3
+    for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True):
         torch.testing.assert_close(s0["before"], s1["before"])  # ranks start every step in sync...
         torch.testing.assert_close(s0["after"], s1["after"])  # ...and end it in sync
         # the two ranks' Poisson draws are disjoint shards of one global draw; the update must be the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from functools import partial
 
 import lightning as L
 import pytest
@@ -188,7 +189,8 @@ class Probe(L.Callback):
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_dp_adam_trains_the_whole_tiny_bert(tmp_path, tiny_bert, mode):
     torch.manual_seed(0)
-    task = ClassificationTask(TransformerClassifier(tiny_bert, finetune="all"), optimizer="adam", lr=1e-3)
+    adam = partial(torch.optim.Adam, lr=1e-3)
+    task = ClassificationTask(TransformerClassifier(tiny_bert, finetune="all"), optimizer=adam)
     before = Probe._flat(task)
     dp = DifferentialPrivacy(
         noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, insecure_testing_seed=0, ledger=False
@@ -213,7 +215,7 @@ def test_dp_sgd_update_is_clipped_mean_of_per_example_grads(tmp_path, tiny_bert,
     c, lr = 0.05, 1.0  # small C: every example is clipped
     make = lambda: TransformerClassifier(tiny_bert, finetune="all", dropout=0.0)  # noqa: E731
     torch.manual_seed(0)
-    task = ClassificationTask(make(), lr=lr)
+    task = ClassificationTask(make(), optimizer=partial(torch.optim.SGD, lr=lr))
     probe = Probe()
     dp = DifferentialPrivacy(
         noise_multiplier=1e-9, max_grad_norm=c, grad_sample_mode=mode, insecure_testing_seed=0, ledger=False
@@ -234,7 +236,8 @@ def test_dp_sgd_update_is_clipped_mean_of_per_example_grads(tmp_path, tiny_bert,
 def test_bookkeeping_trains_the_head_and_refuses_layer_norms(tmp_path, tiny_bert):
     from dplit.privacy.compat import IncompatibleModelError
 
-    task = ClassificationTask(TransformerClassifier(tiny_bert, finetune="head"), optimizer="adam", lr=1e-3)
+    adam = partial(torch.optim.Adam, lr=1e-3)
+    task = ClassificationTask(TransformerClassifier(tiny_bert, finetune="head"), optimizer=adam)
     dp = DifferentialPrivacy(
         noise_multiplier=1.0, grad_sample_mode="bookkeeping", insecure_testing_seed=0, ledger=False
     )

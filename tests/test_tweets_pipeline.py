@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from functools import partial
 
 import lightning as L
 import pytest
@@ -26,7 +27,7 @@ def _fit(tmp_path, tweets_root, mode: str | None, epochs: int = 6):
         cache_dir=str(tmp_path / "cache"),
     )
     backbone = BiLSTMClassifier(hidden_size=16, max_words=5000, oov_buckets=50)
-    task = ClassificationTask(backbone, optimizer="adam", lr=0.02)
+    task = ClassificationTask(backbone, optimizer=partial(torch.optim.Adam, lr=0.02))
     callbacks: list = [SubgroupMetrics()]
     dp = None
     if mode is not None:

@@ -4,11 +4,14 @@ Metric names (stable; see ``dplit.metrics.subgroup``): ``val/acc/group=<name>``,
 ``val/count/group=<name>``, binary tasks also ``val/tpr|fpr|positive_rate|auc/group=<name>``; summaries
 ``val/worst_group_acc``, ``val/acc_gap``, ``val/equalized_odds_diff``, ``val/demographic_parity_diff``,
 ``val/auc_gap``, ``val/missing_groups``; the same under ``test/``. Other attributes and their intersections use
-``<stage>/<metric>/<attr>=<name>`` and ``<stage>/<metric>/<a>&<b>=<x>&<y>``.
+``<stage>/<metric>/<attr>=<name>`` and ``<stage>/<metric>/<a>&<b>=<x>&<y>``. With several attributes, every
+summary is also logged for each attribute (the primary one included) and for the intersection:
+``<stage>/<summary>/<attr>``, e.g. ``val/worst_group_acc/race``, ``val/acc_gap/sex&race``.
 
 Training diagnostics (``diag/grad_norm|frac_clipped|loss/group=<name>``, per epoch) read the raw per-example
 gradient norms of the training data: they are NOT differentially private. Turn them off with
-``train_diagnostics: false`` when the logs themselves must be private.
+``train_diagnostics: false`` when the logs themselves must be private. They come from any callback implementing
+:class:`~dplit.callbacks.diagnostics.PerExampleGradients` (the DifferentialPrivacy callback does).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from dplit.callbacks.privacy import DifferentialPrivacy
+from dplit.callbacks.diagnostics import GroupDiagnostics, PerExampleGradients, find_per_example_gradients
 from dplit.callbacks.wandb_panels import WandbGroupPanels
 from dplit.metrics import GroupMetrics, flatten_group_metrics, intersect_groups, intersection_names
 
@@ -36,8 +39,8 @@ class SubgroupMetrics(Callback):
 
     Args:
         intersections: also report every combination of all attributes (e.g. age x gender x race).
-        train_diagnostics: per-group pre-clip gradient norm, fraction clipped and loss on training batches, when the
-            DifferentialPrivacy callback is active. NOT differentially private.
+        train_diagnostics: per-group pre-clip gradient norm, fraction clipped and loss on training batches, when a
+            callback exposing per-example gradients (DifferentialPrivacy) is active. NOT differentially private.
         compute_auc: per-group AUC for binary tasks (keeps the epoch's scores in memory).
         wandb_panels: on a W&B logger, one chart per metric with all groups, and a per-epoch group table.
     """
@@ -55,9 +58,10 @@ class SubgroupMetrics(Callback):
         self.views: dict[str, tuple[list[str], list[int]]] = {}  # view key -> (group names, attribute columns)
         self.metrics: dict[str, dict[str, GroupMetrics]] = {}  # stage -> view -> metric
         self.panels = WandbGroupPanels() if wandb_panels else None
-        self._dp: DifferentialPrivacy | None = None
+        self._grads: PerExampleGradients | None = None
         self._batch_groups: torch.Tensor | None = None
-        self._diag: dict[str, torch.Tensor] = {}
+        self._diag: GroupDiagnostics | None = None
+        self._summary_suffix: dict[str, str] = {}  # view -> "/<attr>" suffix of its summaries
         self.last: dict[str, float] = {}
 
     @override
@@ -79,6 +83,9 @@ class SubgroupMetrics(Callback):
             key = "&".join(a for a, _ in attrs)
             self.views[key] = (intersection_names([v for _, v in attrs]), list(range(len(attrs))))
         self._sizes = [len(v) for _, v in attrs]
+        self._summary_suffix = {}  # one attribute: its summaries keep the plain names only
+        if len(attrs) > 1:
+            self._summary_suffix = {view: "/" + (attrs[0][0] if view == "group" else view) for view in self.views}
         self.metrics = {
             s: {
                 view: GroupMetrics(len(names_), int(num_classes), compute_auc=self.compute_auc).to(pl_module.device)
@@ -86,8 +93,9 @@ class SubgroupMetrics(Callback):
             }
             for s in ("val", "test")
         }
-        dps = [cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy)]  # type: ignore[attr-defined]
-        self._dp = dps[0] if dps and self.train_diagnostics and stage == "fit" else None
+        grads = find_per_example_gradients(trainer.callbacks)  # type: ignore[attr-defined]
+        self._grads = grads if self.train_diagnostics and stage == "fit" else None
+        self._diag = GroupDiagnostics(attrs[0][1])
 
     def _view_groups(self, group: torch.Tensor, columns: list[int]) -> torch.Tensor:
         if group.dim() == 1:
@@ -118,15 +126,15 @@ class SubgroupMetrics(Callback):
             metric = self.metrics[stage][view]
             result = metric.compute()
             metric.reset()
-            prefix = stage if view == "group" else f"{stage}@{view}"
-            part = flatten_group_metrics(result, names, prefix)
-            if view != "group":  # "<stage>/<metric>/<attr>=<name>" for the other attributes
-                part = {
-                    k.replace(f"{prefix}/", f"{stage}/").replace("/group=", f"/{view}="): v
-                    for k, v in part.items()
-                    if "/group=" in k
-                }
-            flat.update(part)
+            part = flatten_group_metrics(result, names, stage)
+            summaries = {k: v for k, v in part.items() if "/group=" not in k}
+            if view == "group":  # the primary attribute keeps the plain names
+                flat.update(part)
+            else:  # "<stage>/<metric>/<attr>=<name>" for the other attributes and the intersection
+                flat.update({k.replace("/group=", f"/{view}="): v for k, v in part.items() if "/group=" in k})
+            suffix = self._summary_suffix.get(view, "")
+            if suffix:  # "<stage>/<summary>/<attr>" for every attribute when there are several
+                flat.update({f"{k}{suffix}": v for k, v in summaries.items()})
         missing = flat.get(f"{stage}/missing_groups", 0)
         if missing:
             log.warning("%s: %d group(s) had no examples this epoch; reported as missing, not 0.", stage, int(missing))
@@ -135,7 +143,7 @@ class SubgroupMetrics(Callback):
         pl_module.log_dict(flat, on_step=False, on_epoch=True, sync_dist=False)  # already synced by torchmetrics
         self.last.update(flat)
         if self.panels is not None:
-            self.panels.update(trainer, stage, flat, self.views["group"][0], self._dp)
+            self.panels.update(trainer, stage, flat, self.views["group"][0], self._grads)
 
     @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -156,53 +164,30 @@ class SubgroupMetrics(Callback):
     # ---------------------------------------------------------------- training diagnostics (NOT private)
     @override
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
-        if self._dp is not None:
+        if self._grads is not None:
             self._batch_groups = self._view_groups(batch[2], [0]).detach()
 
     @override
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self._dp is None or self._batch_groups is None:
+        if self._grads is None or self._batch_groups is None or self._diag is None:
             return
-        norms = self._dp.per_sample_grad_norms()
+        norms = self._grads.per_sample_grad_norms()
         if norms is None or len(norms) != len(self._batch_groups):
             return
-        g, n = self._batch_groups.to(norms.device), len(self.views["group"][0])
-        clipped = (norms > self._dp.config.max_grad_norm).double()
-        self._accumulate({"norm": norms.double(), "clipped": clipped, "count": torch.ones_like(clipped)}, g, n)
+        self._diag.add_gradients(norms, self._grads.clip_bound, self._batch_groups)
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._dp is None or self._batch_groups is None or not isinstance(outputs, dict):
+        if self._grads is None or self._batch_groups is None or self._diag is None or not isinstance(outputs, dict):
             return
         loss = outputs.get("example_loss")
         if isinstance(loss, torch.Tensor) and len(loss) == len(self._batch_groups):
-            g = self._batch_groups.to(loss.device)
-            self._accumulate(
-                {"loss": loss.double(), "loss_count": torch.ones_like(loss, dtype=torch.double)},
-                g,
-                len(self.views["group"][0]),
-            )
-
-    def _accumulate(self, values: dict[str, torch.Tensor], group: torch.Tensor, num_groups: int) -> None:
-        for key, v in values.items():
-            sums = torch.zeros(num_groups, dtype=torch.double, device=v.device).index_add_(0, group, v.detach())
-            self._diag[key] = self._diag.get(key, torch.zeros_like(sums)) + sums
+            self._diag.add_losses(loss, self._batch_groups)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._dp is None or not self._diag:
+        if self._grads is None or self._diag is None or not self._diag:
             return
-        sums = {k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._diag.items()}
-        self._diag = {}
-        names = self.views["group"][0]
-        flat: dict[str, float] = {}
-        for i, name in enumerate(names):
-            count = float(sums.get("count", torch.zeros(len(names)))[i])
-            if count > 0:
-                flat[f"diag/grad_norm/group={name}"] = float(sums["norm"][i]) / count
-                flat[f"diag/frac_clipped/group={name}"] = float(sums["clipped"][i]) / count
-            loss_count = float(sums.get("loss_count", torch.zeros(len(names)))[i])
-            if loss_count > 0:
-                flat[f"diag/loss/group={name}"] = float(sums["loss"][i]) / loss_count
+        flat = self._diag.compute(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
         pl_module.log_dict(flat, on_step=False, on_epoch=True, sync_dist=False)
         self.last.update(flat)

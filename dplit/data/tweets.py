@@ -9,13 +9,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
-from dplit.data.base import GroupedTensorDataset, eval_dataloader
+from dplit.data.base import GroupedDataModule, GroupedTensorDataset, check_at_least
 from dplit.data.tweets_text import (
     CELLS,
     LABEL_EMOJI,
@@ -43,7 +42,7 @@ SPLITS = ("train", "val", "test")
 _CACHE_VERSION = 1
 
 
-class TweetsDataModule(L.LightningDataModule):
+class TweetsDataModule(GroupedDataModule):
     """Sentiment of tweets (1 = happy, 0 = sad) with dialect groups 0 = SAE and 1 = AAE, from TwitterAAE.
 
     Batches are ``(x, y, group)``: ``x`` int64 [B, max_len] token ids padded with :attr:`pad_id`, ``y`` int64
@@ -100,7 +99,7 @@ class TweetsDataModule(L.LightningDataModule):
         limit_train: int | None = None,
         cache_dir: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
         if root is None:
             raise ValueError(
                 "`data.root` is required: a folder with the labelled files (aae_happy, aae_sad, sae_happy, sae_sad) "
@@ -118,17 +117,10 @@ class TweetsDataModule(L.LightningDataModule):
             )
         if sum(sizes.values()) == 0:
             raise ValueError("data.train_sizes must keep at least one training tweet")
-        positive = {"val_per_cell": val_per_cell, "test_per_cell": test_per_cell, "max_len": max_len,
-                    "batch_size": batch_size, "eval_batch_size": eval_batch_size}  # fmt: skip
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        check_at_least(1, val_per_cell=val_per_cell, test_per_cell=test_per_cell, max_len=max_len)
         if not 0.0 <= label_emoji_prob <= 1.0:
             raise ValueError(f"data.label_emoji_prob must be in [0, 1] (the paper uses 0.9), got {label_emoji_prob}")
-        if limit_train is not None and limit_train < 1:
-            raise ValueError(f"data.limit_train must be >= 1 or null, got {limit_train}")
+        check_at_least(1, limit_train=limit_train)
         self.tokenizer_path = tokenizer_path(tokenizer)
         self.save_hyperparameters()
         self.root = Path(root)
@@ -140,21 +132,16 @@ class TweetsDataModule(L.LightningDataModule):
         self.seed = seed
         self.tokenizer = tokenizer
         self.max_len = max_len
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
         self.label_emoji_prob = label_emoji_prob
         self.limit_train = limit_train
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".dplit_cache"
 
-        self.group_names: list[str] = list(GROUP_NAMES)
-        self.num_groups: int = len(GROUP_NAMES)
-        self.num_classes: int = 2
+        self.group_attributes = {"dialect": list(GROUP_NAMES)}
+        self.num_classes = 2
         self.resolved_source: Literal["labelled", "raw"] | None = None  # set by setup
         self.split_counts: dict[str, dict[str, int]] = {}  # split -> cell -> count, set by setup
         self.hygiene: dict[str, int] = {}  # clean_cells stats, set by setup
         self._hf_tokenizer: Any = None
-        self._data: dict[str, GroupedTensorDataset] | None = None
 
     @property
     def pad_id(self) -> int:
@@ -165,11 +152,6 @@ class TweetsDataModule(L.LightningDataModule):
         if pad is None:
             raise ValueError(f"data.tokenizer {self.tokenizer!r} has no pad token; use a tokenizer that has one")
         return int(pad)
-
-    @property
-    def train_size(self) -> int:
-        """Number of training tweets (loads the data on first access, so it can be read before ``setup``)."""
-        return len(self._datasets()["train"])
 
     def _load_tokenizer(self) -> Any:
         if self._hf_tokenizer is None:
@@ -204,14 +186,9 @@ class TweetsDataModule(L.LightningDataModule):
         if self._resolve_source() == "raw":
             fetch_raw_corpus(self.root, download=self.download)
 
-    def setup(self, stage: str | None = None) -> None:
-        """Loads (or reads from the cache) the three splits; idempotent."""
-        self._datasets()
-
-    def _datasets(self) -> dict[str, GroupedTensorDataset]:
-        if self._data is None:
-            self._data = self._load()
-        return self._data
+    def _datasets(self) -> dict[str, Dataset]:
+        """The three splits, loaded (or read from the cache) on first use."""
+        return self.splits()
 
     def _source_files(self) -> list[Path]:
         if self.resolved_source == "labelled":
@@ -239,7 +216,8 @@ class TweetsDataModule(L.LightningDataModule):
             return None
         return self.cache_dir
 
-    def _load(self) -> dict[str, GroupedTensorDataset]:
+    def load_splits(self) -> dict[str, Dataset]:
+        """Reads the source (or the encoded-tensor cache) and returns the ``train``/``val``/``test`` splits."""
         self.resolved_source = self._resolve_source()
         files = self._source_files()
         cache_path = self.cache_dir / f"tweets-{self._cache_key(files)}.pt"
@@ -317,21 +295,3 @@ class TweetsDataModule(L.LightningDataModule):
         if self.tokenizer_path is None:
             return encode_words_marked(texts, markers, self.max_len)
         return encode_hf(self._load_tokenizer(), texts, markers, self.max_len, self.pad_id)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of ``batch_size`` training tweets."""
-        return DataLoader(
-            self._datasets()["train"],
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation tweets, each evaluated once, also under DDP."""
-        return eval_dataloader(self._datasets()["val"], self.eval_batch_size, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test tweets, each evaluated once, also under DDP."""
-        return eval_dataloader(self._datasets()["test"], self.eval_batch_size, self.num_workers)

@@ -1,5 +1,6 @@
 """LightningModules, one per task family. No DP code in here, ever."""
 
+from dplit.tasks.base import GroupedTask, default_optimizer
 from dplit.tasks.classification import ClassificationTask
 
-__all__ = ["ClassificationTask"]
+__all__ = ["ClassificationTask", "GroupedTask", "default_optimizer"]
