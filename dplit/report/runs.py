@@ -1,4 +1,10 @@
-"""Reading runs written by ``dplit fit``: ``RUN/version_N/{metrics.csv,config.yaml}`` (CSVLogger, LightningCLI)."""
+"""Reading runs written by ``dplit fit``: ``RUN/version_N/{metrics.csv,config.yaml,summary.json}``.
+
+``metrics.csv`` comes from the CSV logger, ``config.yaml`` from LightningCLI and ``summary.json`` from
+``dplit.callbacks.RunSummary``. Given ``RUN``, the report reads its one completed training run: audits, evaluations
+(``dplit test``) and failed or interrupted runs are never picked, and a folder holding several training runs is
+refused with the list of candidates, since silently taking the newest once compared the wrong run.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import yaml
 GROUP_MARK = "/group="
 SPLITS = ("val", "test")
 _VERSION = re.compile(r"version_(\d+)")
+SUMMARY_FILE = "summary.json"  # written by dplit.callbacks.RunSummary
 
 
 class ReportError(Exception):
@@ -26,14 +33,75 @@ def natural_key(name: str) -> list[Any]:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
 
+def read_summary(version_dir: Path) -> dict[str, Any]:
+    """``summary.json`` of a run folder ({} when absent or unreadable: runs written before it existed)."""
+    try:
+        data = json.loads((version_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def why_not_a_training_run(version_dir: Path) -> str | None:
+    """None for a run the report may pick from its parent folder, else why not (failed, audit, evaluation...)."""
+    if not (version_dir / "metrics.csv").is_file():
+        return "no metrics.csv (the run stopped before logging anything)"
+    summary = read_summary(version_dir)
+    status, kind = summary.get("status"), summary.get("kind")
+    if status not in (None, "completed"):
+        error = f": {summary['error']}" if summary.get("error") else ""
+        return f"{status}{error}"[:160]
+    if kind == "audit":
+        return "a `dplit audit` canary run"
+    if kind not in (None, "fit"):
+        return f"a `dplit {kind}` evaluation, not a training run"
+    return None
+
+
+def describe_run(version_dir: Path) -> str:
+    """One line about a run folder for lists of candidates: name, kind, status, epsilon, accuracy."""
+    summary = read_summary(version_dir)
+    parts = [str(version_dir)]
+    if summary:
+        parts.append(f"{summary.get('kind', '?')} {summary.get('status', '?')}")
+        privacy = summary.get("privacy") or {}
+        if privacy.get("epsilon") is not None:
+            parts.append(f"epsilon {float(privacy['epsilon']):.3g}")
+        if summary.get("acc") is not None:
+            parts.append(f"{summary.get('split', 'val')} acc {100 * float(summary['acc']):.1f}%")
+    else:
+        parts.append("no summary.json" if (version_dir / "metrics.csv").is_file() else "empty")
+    return ", ".join(parts)
+
+
 def find_version_dir(path: Path) -> Path:
-    """``path`` itself if it holds ``metrics.csv``, else its latest ``version_N`` folder (highest N)."""
+    """``path`` itself if it holds ``metrics.csv``, else its one completed training run ``version_N``.
+
+    Raises ReportError listing the candidates when ``path`` holds several training runs, or none (then with the
+    reason each ``version_N`` was skipped).
+    """
     if not path.is_dir():
         raise ReportError(f"{path}: no such run directory (pass RUN or RUN/version_N written by `dplit fit`)")
     if (path / "metrics.csv").is_file():
         return path
-    versions = [(int(m.group(1)), d) for d in path.iterdir() if d.is_dir() and (m := _VERSION.fullmatch(d.name))]
-    return max(versions)[1] if versions else path
+    versions = sorted((int(m.group(1)), d) for d in path.iterdir() if d.is_dir() and (m := _VERSION.fullmatch(d.name)))
+    if not versions:
+        return path
+    if not any((d / "metrics.csv").is_file() for _, d in versions):
+        return versions[-1][1]  # load_run says that no metrics.csv was written, and which logger writes one
+    usable = [d for _, d in versions if why_not_a_training_run(d) is None]
+    if len(usable) == 1:
+        return usable[0]
+    if not usable:
+        skipped = "; ".join(f"{d.name}: {why_not_a_training_run(d)}" for _, d in versions)
+        raise ReportError(
+            f"{path}: no completed training run in it ({skipped}). Train one with `dplit fit`, or pass a "
+            "RUN/version_N folder explicitly to read it anyway"
+        )
+    listing = "\n  ".join(describe_run(d) for d in usable)
+    raise ReportError(
+        f"{path} holds {len(usable)} training runs; pass the one to compare (RUN/version_N):\n  {listing}"
+    )
 
 
 def read_metrics(metrics_csv: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -70,6 +138,8 @@ class Run:
     last: dict[str, float]
     evals: dict[str, dict[str, float]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    """``summary.json`` written by RunSummary (empty for runs written before it existed)."""
 
     @property
     def root(self) -> Path:
@@ -115,7 +185,16 @@ class Run:
 
     @property
     def epsilon(self) -> float | None:
-        return self.last.get("privacy/epsilon")
+        """The last logged ``privacy/epsilon``; for an evaluation run, the epsilon its checkpoint's training spent."""
+        epsilon = self.last.get("privacy/epsilon")
+        if epsilon is None:
+            epsilon = (self.summary.get("privacy") or {}).get("epsilon")
+        return float(epsilon) if epsilon is not None else None
+
+    def train_counts(self) -> dict[str, float]:
+        """Training examples per group (from ``summary.json``; empty when unknown)."""
+        counts = self.summary.get("train_counts") or {}
+        return {str(g): float(c) for g, c in counts.items() if c is not None}
 
     @property
     def delta(self) -> float | None:
@@ -168,7 +247,7 @@ def load_run(path: Path) -> Run:
         except yaml.YAMLError as exc:
             raise ReportError(f"{config_file}: not valid YAML ({exc}); restore the config `dplit fit` wrote") from exc
         config = loaded if isinstance(loaded, dict) else {}
-    return Run(path=version_dir, last=last, evals=evals, config=config)
+    return Run(path=version_dir, last=last, evals=evals, config=config, summary=read_summary(version_dir))
 
 
 def choose_split(runs: list[Run], requested: str) -> str:
@@ -180,9 +259,21 @@ def choose_split(runs: list[Run], requested: str) -> str:
             other = [s for s in SPLITS if s != requested and run.groups(s)]
             fix = f"use --split {other[0]}" if other else "log per-group metrics with dplit.callbacks.SubgroupMetrics"
             if requested == "test" and other:
-                fix = f"run `dplit test` on it, or {fix}"
+                fix = f"{_test_run_hint(run)}, or {fix}"
             raise ReportError(f"{run.path}: no per-group {requested}/ metrics ({requested}/acc/group=...): {fix}")
     return requested
+
+
+def _test_run_hint(run: Run) -> str:
+    """How to get test metrics for a training run: its sibling ``dplit test`` run, or the command to make one."""
+    siblings = [d for d in sorted(run.path.parent.glob("version_*")) if read_summary(d).get("kind") == "test"]
+    if siblings:
+        return f"`dplit test` writes its own run folder: pass that one ({', '.join(map(str, siblings))})"
+    ckpt = run.summary.get("checkpoint") or f"{run.path}/checkpoints/<file>.ckpt"
+    return (
+        f"evaluate it with `dplit test --config {run.path / 'config.yaml'} --ckpt_path {ckpt}` and pass the "
+        "folder that run writes"
+    )
 
 
 def check_same_task(runs: list[Run], split: str) -> None:
