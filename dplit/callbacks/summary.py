@@ -55,6 +55,7 @@ class RunSummary(Callback):
         self.train_counts: dict[str, int] | None = None
         """Training examples per group (primary attribute), when the training set can count them."""
         self._announced = False
+        self._pending: dict[str, Any] | None = None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -94,12 +95,26 @@ class RunSummary(Callback):
         self._finish(trainer, stage, status, error=f"{type(exception).__name__}: {exception}")
 
     # ---------------------------------------------------------------- collecting
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # after Lightning's own end-of-stage output (the validate/test results table), so the summary comes last
+        if self._pending is not None:
+            summary, self._pending = self._pending, None
+            self._write(trainer, summary)
+
     def _finish(self, trainer: L.Trainer, stage: str, status: str, error: str | None = None) -> None:
         self.summary = self.collect(trainer, stage, status, error)
+        if status == "completed":
+            self._pending = self.summary  # written and printed in teardown
+        else:
+            self._write(trainer, self.summary)
+
+    def _write(self, trainer: L.Trainer, summary: dict[str, Any]) -> None:
         if not trainer.is_global_zero:
             return
+        self.summary = summary
         run_dir = Path(self.summary["run_dir"])
-        if run_dir.is_dir() or status == "completed":
+        if run_dir.is_dir() or summary["status"] == "completed":
             run_dir.mkdir(parents=True, exist_ok=True)
             tmp = run_dir / f".{SUMMARY_FILE}.tmp"
             tmp.write_text(json.dumps(self.summary, indent=2, default=str) + "\n")
