@@ -27,9 +27,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from dplit.callbacks.privacy import DifferentialPrivacy
+from dplit.report.select import SUMMARY_FILE
 from dplit.report.twins import config_root_dir, shown, twin_config
 
-SUMMARY_FILE = "summary.json"
 GROUP = "/group="
 Kind = Literal["fit", "validate", "test", "audit"]
 

@@ -23,12 +23,11 @@ from dplit.report.runs import (
     Run,
     check_same_task,
     choose_split,
-    describe_run,
     group_settings,
     load_run,
     online_wandb_run,
-    why_not_a_training_run,
 )
+from dplit.report.select import describe_run, why_not_a_training_run
 from dplit.report.stats import Summary, summarize
 
 PROG = "dplit report"
