@@ -149,7 +149,7 @@ class RunSummary(Callback):
             "epochs": trainer.current_epoch,
             "split": split,
             "acc": metrics.get(f"{split}/acc"),
-            "count": sum(g["count"] for g in groups.values()) if all(g["count"] for g in groups.values()) else None,
+            "count": _total(groups),
             "groups": groups,
             "train_counts": self.train_counts,
             "worst_group": worst,
@@ -162,6 +162,12 @@ class RunSummary(Callback):
         }
         summary["compare"] = _compare_command(summary, dp is not None, self.config_files, str(run_dir))
         return summary
+
+
+def _total(groups: dict[str, dict[str, Any]]) -> float | None:
+    """Examples over all groups, when every group's count was logged."""
+    counts = [g["count"] for g in groups.values()]
+    return float(sum(counts)) if counts and all(c is not None for c in counts) else None
 
 
 def _is_number(value: Any) -> bool:
