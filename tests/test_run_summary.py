@@ -151,6 +151,7 @@ def test_quickstart_process_end_to_end(tmp_path):
     output = proc.stdout + proc.stderr
     for noise in NOISE:
         assert noise not in output, noise
+    assert "Privacy budget reached" in output  # dplit's own warnings are not silenced
     assert output.count(f"W&B: offline (upload later: wandb sync elsewhere/wandb/{offline[0].name})") == 1
     s = json.loads((run / "version_0" / "summary.json").read_text())
     rows = list(csv.DictReader((run / "version_0" / "metrics.csv").open()))

@@ -70,21 +70,25 @@ class DplitCLI(LightningCLI):
         trainer_init = config_init.get("trainer") or Namespace()
         callbacks = kwargs.pop("callbacks", trainer_init.get("callbacks"))
         callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        callbacks += self._default_callbacks(callbacks, trainer_init)
+        # the progress bar first: its teardown stops the live display before RunSummary prints in its own teardown
+        callbacks = self._progress_bar(callbacks, trainer_init) + callbacks + self._summary(callbacks)
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
-    def _default_callbacks(self, given: list[Callback], trainer_init: Namespace) -> list[Callback]:
-        extra: list[Callback] = []
-        summaries = [cb for cb in given if isinstance(cb, RunSummary)]
-        if not summaries:
-            summaries = [RunSummary()]
-            extra += summaries
+    def _summary(self, given: list[Callback]) -> list[Callback]:
+        """A RunSummary unless the config lists one; either way it learns the run's config files."""
+        listed = [cb for cb in given if isinstance(cb, RunSummary)]
+        summaries = listed or [RunSummary()]
         for summary in summaries:
             summary.config_files = [str(path) for path in (self._section().get("config") or [])]
-        progress = trainer_init.get("enable_progress_bar")
-        if progress is not False and not any(isinstance(cb, ProgressBar) for cb in given):
-            extra.append(VersionRichProgressBar() if VersionRichProgressBar.available() else VersionProgressBar())
-        return extra
+        added: list[Callback] = [] if listed else [*summaries]
+        return added
+
+    @staticmethod
+    def _progress_bar(given: list[Callback], trainer_init: Namespace) -> list[Callback]:
+        """Lightning's default bar (rich when installed) with ``v_num`` = version_N, unless one is configured."""
+        if trainer_init.get("enable_progress_bar") is False or any(isinstance(cb, ProgressBar) for cb in given):
+            return []
+        return [VersionRichProgressBar() if VersionRichProgressBar.available() else VersionProgressBar()]
 
 
 def _option_strings(parser: Any, args: Any) -> list[str]:
