@@ -209,6 +209,12 @@ def test_cli_end_to_end_on_the_quickstart(tmp_path, monkeypatch, capsys):
     assert 0 <= summary["epsilon_lower_bound"] <= summary["claimed_epsilon"]
     assert any(line.startswith("claimed epsilon: ") for line in lines)
     assert json.loads((tmp_path / "audit" / "audit.json").read_text()) == summary
+    # the canary run lives under --out, marked as an audit, never where the config's training runs are picked up
+    assert not (tmp_path / "runs").exists()
+    run = json.loads((tmp_path / "audit" / "run" / "version_0" / "summary.json").read_text())
+    assert run["kind"] == "audit" and run["status"] == "completed"
+    assert dplit_main(["report", "audit/run", "--out", "report"]) == 2
+    assert "version_0: a `dplit audit` canary run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 from scipy import stats as sps
 
 from dplit.report.cli import log_to_wandb, main
-from dplit.report.runs import group_settings, load_run, online_wandb_run
+from dplit.report.runs import ReportError, group_settings, load_run, online_wandb_run
 from dplit.report.stats import difference_ci, mean_ci, spearman_rho, t_quantile
 
 MNIST = "dplit.data.ImbalancedMNISTDataModule"
@@ -141,16 +142,74 @@ def test_without_baseline_only_dp_side(tmp_path):
     assert not (out / "privacy_cost.png").exists() and not (out / "poor_get_poorer.png").exists()
 
 
+def write_summary(version_dir, **fields):
+    """summary.json as dplit.callbacks.RunSummary writes it (only the fields the report reads)."""
+    summary = {"kind": "fit", "status": "completed", "error": None, "privacy": None, "acc": 0.8, "split": "val"}
+    summary.update(fields)
+    (Path(version_dir) / "summary.json").write_text(json.dumps(summary))
+
+
 def test_split_and_version_selection(tmp_path):
     dp = write_run(tmp_path / "dp", shifted(DP, -0.3), sigma=1.0, eps=3.0)
     write_run(dp, DP, sigma=1.0, eps=3.0, version=1, test=shifted(DP, -0.05))
     base = write_run(tmp_path / "nodp", NONDP, test=NONDP)
+    with pytest.raises(ReportError, match="holds 2 training runs") as err:  # never silently the newest
+        load_run(dp)
+    assert str(dp / "version_0") in str(err.value) and str(dp / "version_1") in str(err.value)
+    write_summary(dp / "version_0", status="failed", error="RuntimeError: boom")
     assert load_run(dp).path.name == "version_1" and load_run(dp / "version_0").path.name == "version_0"
     assert load_run(dp).group_acc("val")["b"] == pytest.approx(0.50)  # last epoch of version_1
     out = tmp_path / "out"
     assert main([str(dp), "--baseline", str(base), "--out", str(out), "--split", "auto"]) == 0
     md = (out / "report.md").read_text()
     assert "`test` split" in md and "| b | — | 70.00 | 45.00 | 25.00 |" in md  # test rows log no counts
+
+
+def test_report_picks_the_one_training_run_and_says_which(tmp_path, capsys):
+    """Audits, evaluations, failed and empty runs next to a training run are never picked; the report names the
+    folder it read; several training runs are refused with the candidates listed."""
+    dp = write_run(tmp_path / "dp", DP, sigma=1.0, eps=3.0)
+    write_summary(dp / "version_0", privacy={"epsilon": 3.0})
+    write_run(dp, shifted(DP, -0.4), sigma=1.0, eps=9.0, version=1)
+    write_summary(dp / "version_1", kind="audit")
+    (dp / "version_2").mkdir()  # a run that failed before logging: config.yaml at most
+    (dp / "version_2" / "config.yaml").write_text("trainer: {}\n")
+    write_run(dp, shifted(DP, -0.4), sigma=1.0, eps=9.0, version=3)
+    write_summary(dp / "version_3", status="interrupted")
+    write_run(dp, shifted(DP, -0.4), version=4, test=DP)
+    write_summary(dp / "version_4", kind="test")
+    base = write_run(tmp_path / "nodp", NONDP)
+    out = tmp_path / "picked"
+    assert main([str(dp), "--baseline", str(base), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert f"DP run: reading {dp / 'version_0'}, fit completed, epsilon 3" in stdout
+    assert f"(the one completed training run in {dp})" in stdout
+    assert f"baseline: reading {base / 'version_0'}, no summary.json" in stdout
+    assert "| b | 50 | 70.00 | 50.00 | 20.00 |" in (out / "report.md").read_text()  # version_0's numbers
+    write_run(dp, DP, sigma=1.0, eps=3.0, version=5)
+    err = _error(tmp_path, capsys, [dp, "--baseline", base])
+    assert "holds 2 training runs; pass the one to compare" in err
+    assert f"{dp / 'version_0'}, fit completed" in err and f"{dp / 'version_5'}, no summary.json" in err
+    only_bad = tmp_path / "bad"
+    write_run(only_bad, DP, sigma=1.0, eps=3.0)
+    write_summary(only_bad / "version_0", kind="audit")
+    (only_bad / "version_1").mkdir()
+    err = _error(tmp_path, capsys, [only_bad])
+    assert "no completed training run in it" in err and "version_0: a `dplit audit` canary run" in err
+    assert "version_1: no metrics.csv" in err
+    # named explicitly, a non-training run is read, with a warning
+    assert main([str(dp / "version_3"), "--baseline", str(base), "--out", str(out)]) == 0
+    assert "interrupted; read because it was named explicitly" in capsys.readouterr().err
+
+
+def test_test_split_points_at_the_test_run(tmp_path, capsys):
+    dp = write_run(tmp_path / "dp", DP, sigma=1.0, eps=3.0)
+    write_summary(dp / "version_0")
+    write_run(dp, DP, version=1, test=DP)
+    write_summary(dp / "version_1", kind="test")
+    base = write_run(tmp_path / "nodp", NONDP, test=NONDP)
+    err = _error(tmp_path, capsys, [dp, "--baseline", base, "--split", "test"])
+    assert f"`dplit test` writes its own run folder: pass that one ({dp / 'version_1'})" in err
 
 
 def test_last_evaluation_is_read_not_stale_values(tmp_path):
@@ -258,3 +317,63 @@ def test_t_quantile_and_confidence_intervals_against_scipy():
     assert est.mean - est.half == pytest.approx(welch.low) and est.mean + est.half == pytest.approx(welch.high)
     paired = difference_ci(a[:3].tolist(), b.tolist(), [0, 1, 2], [2, 1, 0])  # paired by seed, not by position
     assert paired.half == pytest.approx(mean_ci((a[:3] - b[::-1]).tolist()).half)
+
+
+def _capture_figures(monkeypatch) -> dict[str, object]:
+    from dplit.report import plots
+
+    figures: dict[str, object] = {}
+    save = plots._save
+
+    def keep(fig, path):
+        figures[Path(path).stem] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def test_poor_get_poorer_sizes_are_training_counts_and_single_seed_is_said(tmp_path, monkeypatch):
+    train = {"a": 5000, "b": 100, "c": 2000}  # validation counts are 500/50/200 (COUNTS): a different ranking scale
+    dp = write_run(tmp_path / "dp", DP, sigma=1.0, eps=3.0)
+    base = write_run(tmp_path / "nodp", NONDP)
+    for run in (dp, base):
+        write_summary(run / "version_0", train_counts=train)
+    figures = _capture_figures(monkeypatch)
+    out = tmp_path / "out"
+    assert main([str(dp), "--baseline", str(base), "--out", str(out)]) == 0
+    ax = figures["poor_get_poorer"].axes[0]
+    sizes = list(ax.collections[0].get_sizes())
+    assert sizes == pytest.approx([30 + 400 * train[g] / 5000 for g in ("a", "b", "c")])
+    assert "point size: training examples of the group" in ax.get_title()
+    for name in ("group_accuracy", "privacy_cost", "poor_get_poorer"):
+        assert "n=1 seed, no intervals" in figures[name].axes[0].get_title(), name
+    md = (out / "report.md").read_text()
+    assert "Error bars: n=1 seed, no intervals." in md and "(point size: training examples of the group)" in md
+
+
+def test_several_seeds_and_unknown_training_counts_are_said(tmp_path, monkeypatch):
+    dp = [write_run(tmp_path / f"dp{s}", shifted(DP, 0.01 * s), sigma=1.0, eps=3.0, seed=s) for s in range(3)]
+    base = [write_run(tmp_path / f"nodp{s}", shifted(NONDP, 0.01 * s), seed=s) for s in range(3)]
+    figures = _capture_figures(monkeypatch)
+    assert main([*map(str, dp), "--baseline", *map(str, base), "--out", str(tmp_path / "out")]) == 0
+    title = figures["poor_get_poorer"].axes[0].get_title()
+    assert "n=3 seeds, bars: 95% CI" in title and "point size: evaluation examples" in title
+    sizes = list(figures["poor_get_poorer"].axes[0].collections[0].get_sizes())
+    assert sizes == pytest.approx([30 + 400 * COUNTS[g] / 500 for g in ("a", "b", "c")])
+
+
+def test_no_baseline_hint_names_a_config_that_exists(tmp_path):
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    dp = write_run(tmp_path / "dp", DP, sigma=1.0, eps=3.0)
+    write_summary(dp / "version_0", config=[str(configs / "quickstart.yaml")])
+    assert main([str(dp), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    hint = md.split("**No baseline**", 1)[1].split("\n", 1)[0]
+    named = hint.split("dplit fit --config ", 1)[1].split("`", 1)[0]
+    assert Path(named).name == "quickstart_nodp.yaml" and Path(named).is_file()
+    assert "--baseline runs/quickstart_nodp" in hint
+    other = write_run(tmp_path / "other", DP, sigma=1.0, eps=3.0)  # no summary.json: no config known
+    assert main([str(other), "--out", str(tmp_path / "out2")]) == 0
+    md = (tmp_path / "out2" / "report.md").read_text()
+    assert "<task>" not in md and "without the `DifferentialPrivacy` callback" in md

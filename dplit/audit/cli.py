@@ -5,6 +5,9 @@ Example::
     dplit audit --config configs/quickstart.yaml --canaries 1000 --out audit/
     dplit audit --config configs/mnist_nodp.yaml --canaries 500 --trainer.max_epochs 3
 
+The canary run is written to ``--out``/run (its ``summary.json`` says ``kind: audit``), never next to the config's
+training runs, so ``dplit report`` cannot mistake it for one.
+
 The config trains as with ``dplit fit`` (any LightningCLI override may follow), with ``--canaries`` training examples
 turned into mislabelled canaries, each trained on with probability 1/2. Afterwards the canaries with the lowest loss
 on their wrong label are guessed "in", those with the highest "out", and the number of correct guesses gives a
@@ -28,6 +31,7 @@ import lightning as L
 from dplit.audit.bound import audit_from_scores, guess_grid
 from dplit.audit.canaries import AuditError, CanaryDataModule, canary_scores
 from dplit.callbacks.privacy import DifferentialPrivacy
+from dplit.cli.errors import CLIUsageError
 
 PROG = "dplit audit"
 
@@ -134,7 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--confidence", type=float, default=0.95, help="probability that the lower bound holds (default: 0.95)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="folder to write audit.json into")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("audit"),
+        help="folder for audit.json and, in its run/ sub-folder, the canary training run (default: audit/); the "
+        "run is kept apart from the config's training runs so that `dplit report` never reads it",
+    )
     parser.add_argument(
         "--seed", type=int, default=None, help="seed of the canaries and their inclusion (default: seed_everything)"
     )
@@ -204,10 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     if error is not None:
         parser.print_usage(sys.stderr)
         return _fail(error)
-    from dplit.cli import DplitCLI  # the LightningCLI stack only once the flags are valid
+    from dplit.callbacks.summary import RunSummary
+    from dplit.cli.lightning import DplitCLI  # the LightningCLI stack only once the flags are valid
 
+    if not any(a.split("=", 1)[0] == "--trainer.default_root_dir" for a in rest):
+        rest = [*rest, f"--trainer.default_root_dir={args.out / 'run'}"]
     try:
         cli = DplitCLI(args=rest, run=False)
+        for run_summary in (cb for cb in cli.trainer.callbacks if isinstance(cb, RunSummary)):  # type: ignore[attr-defined]
+            run_summary.kind, run_summary.print_table = "audit", False  # summary.json marks the canary run as an audit
         if cli.datamodule is None:
             raise AuditError("the config has no `data:` DataModule; the audit needs one to place the canaries")
         seed_cfg = cli.config.get("seed_everything")
@@ -227,14 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("DPLIT_TRACEBACK"):
             raise
-        prefix = "" if isinstance(err, AuditError) else f"{type(err).__name__}: "
+        prefix = "" if isinstance(err, AuditError | CLIUsageError) else f"{type(err).__name__}: "
         return _fail(f"{prefix}{err}")
     summary = json.dumps(result.to_json())
     print("\n".join(_report(result, int(seed))))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "audit.json").write_text(summary + "\n")
-        print(f"wrote {args.out / 'audit.json'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "audit.json").write_text(summary + "\n")
+    print(f"wrote {args.out / 'audit.json'} (the canary training run: {cli.trainer.log_dir})")
     print(summary)
     return 0
 

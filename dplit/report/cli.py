@@ -27,6 +27,7 @@ from dplit.report.runs import (
     load_run,
     online_wandb_run,
 )
+from dplit.report.select import describe_run, why_not_a_training_run
 from dplit.report.stats import Summary, summarize
 
 PROG = "dplit report"
@@ -61,13 +62,18 @@ def _warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
-def _load(paths: list[Path]) -> list[Run]:
+def _load(paths: list[Path], role: str) -> list[Run]:
     runs: list[Run] = []
     for path in paths:
         run = load_run(path)
         if any(r.path.resolve() == run.path.resolve() for r in runs):
             _warn(f"{path}: given twice, used once")
             continue
+        picked = f" (the one completed training run in {path})" if run.path != path else ""
+        print(f"{role}: reading {describe_run(run.path)}{picked}")
+        why = why_not_a_training_run(run.path)
+        if why is not None:
+            _warn(f"{run.path}: {why}; read because it was named explicitly")
         if not (run.path / "config.yaml").is_file():
             _warn(f"{path}: no config.yaml next to metrics.csv: seed and task unknown, DP read from the metrics")
         runs.append(run)
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse printed usage and the message; --help exits 0
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        dp, baseline = _load(args.runs), _load(args.baseline)
+        dp, baseline = _load(args.runs, "DP run"), _load(args.baseline, "baseline")
         _validate(dp, baseline)
         split = choose_split(dp + baseline, args.split)
         check_same_task(dp + baseline, split)

@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 
 from dplit.report.runs import Run
-from dplit.report.stats import CONFIDENCE, Estimate, Summary, interpret_rho
+from dplit.report.stats import CONFIDENCE, Estimate, Summary, interpret_rho, seeds_note, size_basis
+from dplit.report.twins import config_root_dir, shown, twin_config
 
 TABLE_COLUMNS = [
     "setting",
@@ -53,6 +54,21 @@ def table_rows(summaries: list[Summary]) -> list[list[float | str]]:
                 + [v for e in (r.nondp, r.dp, r.cost) for v in _cells(e)]
             )
     return rows
+
+
+def twin_hint(dp: list[Run]) -> str:
+    """How to train the non-DP twin: the twin config of the run's own config when that file exists."""
+    for run in dp:
+        for config in reversed(run.summary.get("config") or []):
+            twin = twin_config(config)
+            if twin is not None:
+                root = config_root_dir(twin)
+                where = f"`--baseline {root}`" if root else "`--baseline RUN_DIR` (the folder it writes)"
+                return f"Train it with `dplit fit --config {shown(twin)}` and pass it with {where}."
+    return (
+        "Train the same config without the `DifferentialPrivacy` callback (same data, model, optimiser and epochs) "
+        "and pass its run folder with `--baseline RUN_DIR`."
+    )
 
 
 def _label(run: Run) -> str:
@@ -124,8 +140,7 @@ def render(
     ]
     if not baseline:
         lines += [
-            "> **No baseline**: the privacy cost per group needs the non-DP twin of these runs. Train it "
-            "(e.g. `dplit fit --config configs/<task>_nodp.yaml`) and pass it with `--baseline RUN_DIR`.",
+            "> **No baseline**: the privacy cost per group needs the non-DP twin of these runs. " + twin_hint(dp),
             "",
         ]
     if several_seeds:
@@ -144,9 +159,10 @@ def render(
         captions = {
             "group_accuracy": "Per-group accuracy, DP vs non-DP",
             "privacy_cost": "Privacy cost per group",
-            "poor_get_poorer": "Non-DP group accuracy vs privacy cost (point size: group count)",
+            "poor_get_poorer": f"Non-DP group accuracy vs privacy cost ({size_basis(summaries)[1]})",
             "accuracy_vs_epsilon": "Per-group accuracy vs epsilon (dashed: non-DP)",
         }
+        lines += [f"Error bars: {seeds_note(summaries)}.", ""]
         for png in pngs:
             lines += [f"![{captions.get(png.stem, png.stem)}]({png.name})", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -11,7 +11,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dplit.report.stats import Estimate, Summary
+from dplit.report.stats import Estimate, Summary, seeds_note, size_basis
 
 DPI = 120
 NONDP_COLOR = "0.45"
@@ -59,7 +59,7 @@ def group_accuracy(summaries: list[Summary], path: Path, split: str) -> Path:
     ax.set_xlabel("group")
     ax.set_ylabel(f"{split} accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"Per-group {split} accuracy")
+    ax.set_title(f"Per-group {split} accuracy ({seeds_note(summaries)})")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     return _save(fig, path)
 
@@ -87,22 +87,24 @@ def privacy_cost(summaries: list[Summary], path: Path) -> Path:
     ax.set_xticks(x, groups)
     ax.set_xlabel("group")
     ax.set_ylabel("privacy cost (pp) = non-DP - DP accuracy")
-    ax.set_title("Privacy cost per group")
+    ax.set_title(f"Privacy cost per group ({seeds_note(summaries)})")
     ax.legend(fontsize="small")
     return _save(fig, path)
 
 
 def poor_get_poorer(summaries: list[Summary], path: Path) -> Path:
-    """Scatter of non-DP group accuracy (x) vs privacy cost (y), point area proportional to the group's count."""
+    """Scatter of non-DP group accuracy (x) vs privacy cost (y), point area proportional to the group's training
+    examples (``size_basis``: evaluation counts only for runs that did not record them, and the title says so)."""
     fig = Figure(figsize=(6.4, 4.8), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    counts = [r.count for s in summaries for r in s.rows if r.count is not None]
-    top = max(counts) if counts else 1.0
-    for s, color in zip(summaries, _colors(len(summaries)), strict=True):
+    sizes_by_setting, size_label = size_basis(summaries)
+    known = [c for sizes in sizes_by_setting for c in sizes if c is not None]
+    top = max(known) if known else 1.0
+    for s, color, counts in zip(summaries, _colors(len(summaries)), sizes_by_setting, strict=True):
         xs = [100 * r.nondp.mean for r in s.rows if r.nondp is not None]
         ys = [100 * r.cost.mean for r in s.rows if r.cost is not None]
-        sizes = [30 + 400 * (r.count / top if r.count else 0.25) for r in s.rows]
+        sizes = [30 + 400 * (c / top if c else 0.25) for c in counts]
         rho = s.rho if s.rho is not None else math.nan
         ax.scatter(xs, ys, s=sizes, alpha=0.6, color=color, edgecolors="black", label=f"DP {s.label}: ρ={rho:.2f}")
         for r, xv, yv in zip(s.rows, xs, ys, strict=True):
@@ -112,7 +114,8 @@ def poor_get_poorer(summaries: list[Summary], path: Path) -> Path:
     ax.set_ylabel("privacy cost (pp)")
     rhos = ", ".join(f"{s.label}: {s.rho if s.rho is not None else math.nan:.2f}" for s in summaries)
     only = summaries[0].rho if len(summaries) == 1 and summaries[0].rho is not None else None
-    ax.set_title(f"The poor get poorer? Spearman ρ = {only:.2f}" if only is not None else f"Spearman ρ: {rhos}")
+    title = f"The poor get poorer? Spearman ρ = {only:.2f}" if only is not None else f"Spearman ρ: {rhos}"
+    ax.set_title(f"{title}\n{size_label}; {seeds_note(summaries)}", fontsize="medium")
     if len(summaries) > 1:
         legend = ax.legend(fontsize="small")
         for handle in legend.legend_handles:
@@ -148,6 +151,6 @@ def accuracy_vs_epsilon(summaries: list[Summary], path: Path, split: str) -> Pat
     ax.set_xlabel("epsilon (log scale)")
     ax.set_ylabel(f"{split} accuracy (%)")
     reference = " (dashed: non-DP)" if points[0].rows[0].nondp is not None else ""
-    ax.set_title(f"Per-group accuracy vs epsilon{reference}")
+    ax.set_title(f"Per-group accuracy vs epsilon{reference}; {seeds_note(points)}")
     ax.legend(title="group", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)

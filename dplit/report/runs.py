@@ -1,4 +1,8 @@
-"""Reading runs written by ``dplit fit``: ``RUN/version_N/{metrics.csv,config.yaml}`` (CSVLogger, LightningCLI)."""
+"""Reading runs written by ``dplit fit``: ``RUN/version_N/{metrics.csv,config.yaml,summary.json}``.
+
+``metrics.csv`` comes from the CSV logger, ``config.yaml`` from LightningCLI and ``summary.json`` from
+``dplit.callbacks.RunSummary``. Which ``version_N`` of a folder is read is decided in ``dplit.report.select``.
+"""
 
 from __future__ import annotations
 
@@ -12,28 +16,16 @@ from typing import Any
 
 import yaml
 
+from dplit.report.select import ReportError, find_version_dir, read_summary
+
 GROUP_MARK = "/group="
 SPLITS = ("val", "test")
 _VERSION = re.compile(r"version_(\d+)")
 
 
-class ReportError(Exception):
-    """A problem with the runs given to ``dplit report``; the message names the run and the fix."""
-
-
 def natural_key(name: str) -> list[Any]:
     """Sort key that puts ``2`` before ``10`` (group names are often numbers)."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
-
-
-def find_version_dir(path: Path) -> Path:
-    """``path`` itself if it holds ``metrics.csv``, else its latest ``version_N`` folder (highest N)."""
-    if not path.is_dir():
-        raise ReportError(f"{path}: no such run directory (pass RUN or RUN/version_N written by `dplit fit`)")
-    if (path / "metrics.csv").is_file():
-        return path
-    versions = [(int(m.group(1)), d) for d in path.iterdir() if d.is_dir() and (m := _VERSION.fullmatch(d.name))]
-    return max(versions)[1] if versions else path
 
 
 def read_metrics(metrics_csv: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -70,6 +62,8 @@ class Run:
     last: dict[str, float]
     evals: dict[str, dict[str, float]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    """``summary.json`` written by RunSummary (empty for runs written before it existed)."""
 
     @property
     def root(self) -> Path:
@@ -115,7 +109,16 @@ class Run:
 
     @property
     def epsilon(self) -> float | None:
-        return self.last.get("privacy/epsilon")
+        """The last logged ``privacy/epsilon``; for an evaluation run, the epsilon its checkpoint's training spent."""
+        epsilon = self.last.get("privacy/epsilon")
+        if epsilon is None:
+            epsilon = (self.summary.get("privacy") or {}).get("epsilon")
+        return float(epsilon) if epsilon is not None else None
+
+    def train_counts(self) -> dict[str, float]:
+        """Training examples per group (from ``summary.json``; empty when unknown)."""
+        counts = self.summary.get("train_counts") or {}
+        return {str(g): float(c) for g, c in counts.items() if c is not None}
 
     @property
     def delta(self) -> float | None:
@@ -168,7 +171,7 @@ def load_run(path: Path) -> Run:
         except yaml.YAMLError as exc:
             raise ReportError(f"{config_file}: not valid YAML ({exc}); restore the config `dplit fit` wrote") from exc
         config = loaded if isinstance(loaded, dict) else {}
-    return Run(path=version_dir, last=last, evals=evals, config=config)
+    return Run(path=version_dir, last=last, evals=evals, config=config, summary=read_summary(version_dir))
 
 
 def choose_split(runs: list[Run], requested: str) -> str:
@@ -180,9 +183,21 @@ def choose_split(runs: list[Run], requested: str) -> str:
             other = [s for s in SPLITS if s != requested and run.groups(s)]
             fix = f"use --split {other[0]}" if other else "log per-group metrics with dplit.callbacks.SubgroupMetrics"
             if requested == "test" and other:
-                fix = f"run `dplit test` on it, or {fix}"
+                fix = f"{_test_run_hint(run)}, or {fix}"
             raise ReportError(f"{run.path}: no per-group {requested}/ metrics ({requested}/acc/group=...): {fix}")
     return requested
+
+
+def _test_run_hint(run: Run) -> str:
+    """How to get test metrics for a training run: its sibling ``dplit test`` run, or the command to make one."""
+    siblings = [d for d in sorted(run.path.parent.glob("version_*")) if read_summary(d).get("kind") == "test"]
+    if siblings:
+        return f"`dplit test` writes its own run folder: pass that one ({', '.join(map(str, siblings))})"
+    ckpt = run.summary.get("checkpoint") or f"{run.path}/checkpoints/<file>.ckpt"
+    return (
+        f"evaluate it with `dplit test --config {run.path / 'config.yaml'} --ckpt_path {ckpt}` and pass the "
+        "folder that run writes"
+    )
 
 
 def check_same_task(runs: list[Run], split: str) -> None:

@@ -168,9 +168,12 @@ class GroupRow:
 
     group: str
     count: float | None
+    """Examples of the group in the compared split (validation or test)."""
     dp: Estimate
     nondp: Estimate | None
     cost: Estimate | None
+    train_count: float | None = None
+    """Training examples of the group (from the runs' ``summary.json``; None when unknown)."""
 
 
 @dataclass
@@ -213,10 +216,12 @@ def summarize(label: str, epsilon: float | None, dp: list[Run], baseline: list[R
         dp_acc = [r.group_acc(split)[g] for r in dp]
         base_acc = [r.group_acc(split)[g] for r in baseline]
         counts = [c for r in dp + baseline if (c := r.group_count(split).get(g)) is not None]
+        train = [c for r in dp + baseline if (c := r.train_counts().get(g)) is not None]
         rows.append(
             GroupRow(
                 group=g,
                 count=float(np.mean(counts)) if counts else None,
+                train_count=float(np.mean(train)) if train else None,
                 dp=mean_ci(dp_acc),
                 nondp=mean_ci(base_acc) if baseline else None,
                 cost=difference_ci(base_acc, dp_acc, base_seeds, dp_seeds) if baseline else None,
@@ -230,4 +235,25 @@ def summarize(label: str, epsilon: float | None, dp: list[Run], baseline: list[R
         overall=mean_ci(overall) if overall else None,
         worst_dp=mean_ci([min(r.group_acc(split).values()) for r in dp]),
         worst_nondp=mean_ci([min(r.group_acc(split).values()) for r in baseline]) if baseline else None,
+    )
+
+
+def seeds_note(summaries: list[Summary]) -> str:
+    """What the error bars are: ``n=1 seed, no intervals``, or ``n=3 seeds, 95% CI`` (range when settings differ)."""
+    ns = sorted({e.n for s in summaries for r in s.rows for e in (r.dp, r.nondp) if e is not None})
+    if not ns or ns[-1] <= 1:
+        return "n=1 seed, no intervals"
+    seeds = f"{ns[0]}-{ns[-1]}" if len(ns) > 1 else str(ns[0])
+    return f"n={seeds} seeds, bars: 95% CI"
+
+
+def size_basis(summaries: list[Summary]) -> tuple[list[list[float | None]], str]:
+    """Point sizes for the scatter: training examples per group when every row knows them, else the evaluation
+    counts (said in the legend title, so a plot never passes one off as the other)."""
+    rows = [r for s in summaries for r in s.rows]
+    if rows and all(r.train_count is not None for r in rows):
+        return [[r.train_count for r in s.rows] for s in summaries], "point size: training examples of the group"
+    return (
+        [[r.count for r in s.rows] for s in summaries],
+        "point size: evaluation examples (training counts unknown: runs without summary.json)",
     )
