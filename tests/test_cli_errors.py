@@ -24,19 +24,23 @@ def _dplit(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProces
 
 def test_key_typo_names_the_key_and_the_closest_one(tmp_path):
     """A real `dplit` process: the typo is named with its closest valid key in a few lines, exit code 2."""
-    proc = _dplit(["fit", f"--config={QUICKSTART}", "--model.init_args.lrr", "0.1"], tmp_path)
+    proc = _dplit(["fit", f"--config={QUICKSTART}", "--model.init_args.optimizer.init_args.lrr", "0.1"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip()
-    assert err.startswith("dplit: error: `model.init_args.lrr` is not a parameter of dplit.tasks.ClassificationTask")
+    key = "`model.init_args.optimizer.init_args.lrr`"
+    assert err.startswith(f"dplit: error: {key} is not a parameter of torch.optim.SGD")
     assert "did you mean `lr`?" in err
     assert len(err.splitlines()) <= 3 and "usage:" not in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # nothing was started
 
 
 def test_wrong_type_names_the_expected_type(tmp_path, capsys):
-    assert main(["fit", f"--config={QUICKSTART}", "--model.init_args.lr", "abc"]) == 2
+    assert main(["fit", f"--config={QUICKSTART}", "--model.init_args.optimizer.init_args.lr", "abc"]) == 2
     err = capsys.readouterr().err
-    assert "`model.init_args.lr` of dplit.tasks.ClassificationTask must be a number; got 'abc'" in err
+    assert "`model.init_args.optimizer.init_args.lr` must be a number; got 'abc'" in err
+    assert main(["fit", f"--config={QUICKSTART}", "--model.init_args.optimizr", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a parameter of dplit.tasks.ClassificationTask (did you mean `optimizer`?)" in err
     assert "Union subtypes" not in err and "NestedArg" not in err
     assert main(["fit", f"--config={QUICKSTART}", "--trainer.max_epochs", "five"]) == 2
     err = capsys.readouterr().err
@@ -94,7 +98,7 @@ def test_mnist_offline_is_one_message_with_exit_2(tmp_path):
 def test_traceback_on_request(capsys, monkeypatch):
     monkeypatch.setenv("DPLIT_TRACEBACK", "1")
     with pytest.raises(ValueError, match="lrr"):
-        main(["fit", f"--config={QUICKSTART}", "--model.init_args.lrr", "0.1"])
+        main(["fit", f"--config={QUICKSTART}", "--model.init_args.optimizer.init_args.lrr", "0.1"])
 
 
 def test_explain_keeps_unknown_errors_readable():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from opacus.optimizers import DPOptimizer
 
 from dplit.callbacks import DifferentialPrivacy
 from dplit.cli import DplitCLI, main
@@ -90,7 +93,12 @@ def test_callback_preset_composes_with_a_config(preset, mnist_root, tmp_path, mo
     config = ROOT / "configs" / "mnist_nodp.yaml"
     cli = _run(["fit", f"--config={config}", f"--trainer.callbacks+={preset}", *FAST, *_data_args(config, mnist_root)])
     assert cli.trainer.global_step == 3
-    assert any(type(cb).__module__.startswith("dplit.") for cb in cli.trainer.callbacks)
+    module, _, name = yaml.safe_load(preset.read_text())["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    added = [cb for cb in cli.trainer.callbacks if isinstance(cb, cls)]
+    assert len(added) == 1, [type(cb).__name__ for cb in cli.trainer.callbacks]  # the preset's callback, once
+    if cls is DifferentialPrivacy:  # mnist_nodp.yaml has no DP of its own: the preset made it private
+        assert isinstance(cli.trainer.optimizers[0], DPOptimizer) and added[0].accountant.steps == 3
 
 
 def test_print_config_works(capsys):

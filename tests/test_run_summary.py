@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+import yaml
 from dp_helpers import TinyData, tiny_task, trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
@@ -69,7 +70,7 @@ def test_budget_stop_is_the_reason_given(tmp_path):
     fit, _, _ = _fit(tmp_path, [dp, RunSummary(print_table=False)], max_epochs=50)
     s = json.loads((tmp_path / "version_0" / "summary.json").read_text())
     assert fit.current_epoch < 50
-    assert s["stop_reason"] == "privacy budget reached" and s["privacy"]["epsilon"] <= 1.0
+    assert s["stop_reason"].startswith("privacy budget reached: epsilon=") and s["privacy"]["epsilon"] <= 1.0
 
 
 def test_stop_reason_of_the_privacy_callback_wins():
@@ -143,15 +144,16 @@ def test_quickstart_process_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "elsewhere"
     assert not (tmp_path / "runs").exists(), "the config's runs/quickstart must not be used"
-    for name in ("metrics.csv", "config.yaml", "summary.json", "privacy_ledger.json"):
+    for name in ("metrics.csv", "config.yaml", "summary.json"):
         assert (run / "version_0" / name).is_file(), name
+    assert len(list((run / "version_0").glob("privacy_ledger-*.json"))) == 1  # this run's own ledger
     assert list((run / "version_0" / "checkpoints").glob("*.ckpt"))
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     output = proc.stdout + proc.stderr
     for noise in NOISE:
         assert noise not in output, noise
-    assert "Privacy budget reached" in output  # dplit's own warnings are not silenced
+    assert "Privacy budget reached" not in output  # the budget ran out with the planned 3 steps: no early stop
     assert output.count(f"W&B: offline (upload later: wandb sync elsewhere/wandb/{offline[0].name})") == 1
     s = json.loads((run / "version_0" / "summary.json").read_text())
     rows = list(csv.DictReader((run / "version_0" / "metrics.csv").open()))
@@ -167,3 +169,19 @@ def test_quickstart_process_end_to_end(tmp_path):
         "quickstart_nodp.yaml" in compare
         and "dplit report elsewhere/version_0 --baseline runs/quickstart_nodp" in compare
     )
+
+
+def test_dplit_warnings_are_not_silenced(tmp_path):
+    """A budget that stops training early: dplit's own warning reaches the console of a real `dplit` process."""
+    config = yaml.safe_load(QUICKSTART.read_text())
+    dp = next(cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("DifferentialPrivacy"))
+    dp["init_args"] = {"noise_multiplier": 1.0, "max_epsilon": 2.0, "delta": 1e-5, "grad_sample_mode": "ghost"}
+    path = tmp_path / "budget.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, WANDB_MODE="disabled")
+    cmd = [sys.executable, "-m", "dplit.cli", "fit", f"--config={path}", "--trainer.max_steps=40",
+           "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path / 'out'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "Privacy budget reached" in output and "privacy budget reached: epsilon=" in proc.stdout

@@ -14,6 +14,7 @@ from torch import nn
 
 from dplit.callbacks import DifferentialPrivacy
 from dplit.cli import DplitCLI
+from dplit.cli.errors import CLIUsageError
 from dplit.tasks import ClassificationTask, GroupedTask
 
 
@@ -136,7 +137,7 @@ def test_the_old_string_switch_is_refused_at_parse_time(tmp_path):
         "    backbone: {class_path: torch.nn.Linear, init_args: {in_features: 2, out_features: 2}}\n"
         "    optimizer: sgd\n"
     )
-    with pytest.raises(SystemExit):
+    with pytest.raises(CLIUsageError, match=r"`model.init_args.optimizer` .*must be a class, given as `\{class_path"):
         DplitCLI(args=["--config", str(config)], run=False)
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import os
 from functools import partial
 
+import dp_accounting
 import lightning as L
 import pytest
 import torch
@@ -191,7 +192,7 @@ def test_dp_adam_trains_the_whole_tiny_bert(tmp_path, tiny_bert, mode):
     torch.manual_seed(0)
     adam = partial(torch.optim.Adam, lr=1e-3)
     task = ClassificationTask(TransformerClassifier(tiny_bert, finetune="all"), optimizer=adam)
-    before = Probe._flat(task)
+    before = {k: p.detach().clone() for k, p in task.named_parameters() if p.requires_grad}
     dp = DifferentialPrivacy(
         noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, insecure_testing_seed=0, ledger=False
     )
@@ -199,9 +200,13 @@ def test_dp_adam_trains_the_whole_tiny_bert(tmp_path, tiny_bert, mode):
     t.fit(task, datamodule=TokenData())
     assert t.global_step == 3 and dp.accountant.steps == 3
     assert isinstance(t.optimizers[0], DPOptimizer)
-    assert dp.epsilon > 0
-    after = Probe._flat(task)
-    assert torch.isfinite(after).all() and not torch.equal(before, after)
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.PoissonSampledDpEvent(dp.plan.sample_rate, dp_accounting.GaussianDpEvent(1.0)), 3)
+    assert dp.epsilon == pytest.approx(acc.get_epsilon(dp.config.delta), rel=1e-2)
+    after = dict(task.named_parameters())
+    assert len(before) > 10  # every layer is trainable in "all" mode: embeddings, attention, LayerNorm, head
+    unchanged = [k for k, p in before.items() if torch.equal(p, after[k].detach())]
+    assert not unchanged and all(torch.isfinite(p).all() for p in after.values())
 
 
 def clipped_sum(grads: torch.Tensor, c: float) -> torch.Tensor:
@@ -238,11 +243,15 @@ def test_bookkeeping_trains_the_head_and_refuses_layer_norms(tmp_path, tiny_bert
 
     adam = partial(torch.optim.Adam, lr=1e-3)
     task = ClassificationTask(TransformerClassifier(tiny_bert, finetune="head"), optimizer=adam)
+    before = {k: p.detach().clone() for k, p in task.named_parameters()}
     dp = DifferentialPrivacy(
         noise_multiplier=1.0, grad_sample_mode="bookkeeping", insecure_testing_seed=0, ledger=False
     )
     trainer(tmp_path, [dp], max_steps=2).fit(task, datamodule=TokenData())
-    assert dp.accountant.steps == 2 and dp.epsilon > 0
+    assert dp.accountant.steps == 2
+    moved = {k for k, p in task.named_parameters() if not torch.equal(p.detach(), before[k])}
+    trainable = {k for k, p in task.named_parameters() if p.requires_grad}
+    assert moved == trainable and trainable and all("head" in k for k in trainable)  # the head only, all of it
     task = ClassificationTask(TransformerClassifier(tiny_bert, finetune="last_k"))
     dp = DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="bookkeeping", ledger=False)
     with pytest.raises(IncompatibleModelError, match=r"layer\.1\.output\.LayerNorm \(LayerNorm: no book-keeping rule"):

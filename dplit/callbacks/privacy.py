@@ -379,8 +379,8 @@ class DifferentialPrivacy(Callback):
         stop = self.controller.exhausted or (self._step_limit is not None and self.accountant.steps >= self._step_limit)
         if trainer.world_size > 1:
             stop = trainer.strategy.broadcast(stop, src=0)
-        if stop and self.stop_reason is None:
-            self.stop_reason = f"privacy budget reached (epsilon={self.epsilon:.4g} of {self.config.budget})"
+        if stop and self.stop_reason is None and not self._planned_end(trainer, batch_idx):
+            self.stop_reason = f"privacy budget reached: epsilon={self.epsilon:.4g} of {self.config.budget}"
             log.warning(
                 "Privacy budget reached: epsilon=%.4f after %d steps; the next step would exceed %g. Stopping.",
                 self.epsilon,
@@ -389,6 +389,15 @@ class DifferentialPrivacy(Callback):
             )
         if stop:
             trainer.should_stop = True
+
+    @staticmethod
+    def _planned_end(trainer: L.Trainer, batch_idx: int) -> bool:
+        """This batch ends the planned training anyway (``max_steps``, or the last batch of ``max_epochs``): the
+        budget running out with it (``target_epsilon`` is calibrated to do so) is not a stop by this callback."""
+        if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            return True
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        return last_epoch and batch_idx + 1 >= trainer.num_training_batches
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

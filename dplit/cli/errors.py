@@ -25,6 +25,8 @@ _GIVEN_VALUE = re.compile(r"^\s*Given value: (.*)$", re.M)
 _LITERAL = re.compile(r"typing\.Literal\[(.*)\]")
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)$", re.M)
 _CONFIG_PROBLEM = re.compile(r"Problems parsing config: (.*)", re.S)
+_CALLABLE = re.compile(r"Type typing\.Callable.*? expects a function or a callable class:\s*")
+_CALLABLE_CLASS = re.compile(r"Got value: Namespace\(class_path='([^']+)'")
 _NO_CLASS = re.compile(r"(No module named '[^']+'|module '[^']+' has no attribute '[^']+')")
 
 
@@ -85,6 +87,13 @@ def _walk(message: str) -> _Leaf:
             if text.startswith("Does not validate") and "Problem with given class_path" in text:
                 text = _meaningful_entries(text.split("Errors:", 1)[1].split("\n  Given value type:")[0])
             continue
+        callable_arg = _CALLABLE.match(text)
+        if callable_arg:  # an optimizer / scheduler given as a class_path (OptimizerCallable, LRSchedulerCallable)
+            named = _CALLABLE_CLASS.search(text) or _CALLABLE_CLASS.search(message)
+            class_path = named.group(1) if named else class_path
+            key_parts.append("init_args")
+            text = re.sub(r"\.? Got value: Namespace\(class_path=.*$", "", text[callable_arg.end() :], flags=re.S)
+            continue
         cls = _CLASS_PATH.match(text)
         if cls:
             class_path = cls.group(1)
@@ -92,6 +101,9 @@ def _walk(message: str) -> _Leaf:
             text = text[cls.end() :]
             continue
         break
+    if not text.strip() and key_parts:  # the leaf was cut off by an enclosing error list: read it from the message
+        tail = message.rsplit(f'Parser key "{key_parts[-1]}":', 1)[-1]
+        text = re.sub(r"\.? Got value: Namespace\(.*$", "", tail, flags=re.S)
     return _Leaf(".".join(key_parts), class_path, text.strip())
 
 
@@ -153,7 +165,15 @@ def _explain_leaf(leaf: _Leaf, message: str) -> str:
         types = [t for t in union if t != "NoneType"]
         optional = " or null" if "NoneType" in union else ""
         got = f"; got {given.group(1).strip()!r}" if given else ""
-        return f"{where} must be {' or '.join(_type_name(t) for t in types)}{optional}{got}"
+        if types:
+            return f"{where} must be {' or '.join(_type_name(t) for t in types)}{optional}{got}"
+    if "typing.Callable" in message or leaf.key.rsplit(".", 1)[-1] in ("optimizer", "lr_scheduler"):
+        return (
+            f"{where}{owner} must be a class, given as `{{class_path: torch.optim.SGD, init_args: {{lr: 0.1}}}}` "
+            "(any torch.optim optimizer or torch.optim.lr_scheduler scheduler)"
+        )
+    if union:
+        return f"{where}{owner}: {leaf.text.strip().splitlines()[0]}"
     lines = [line.strip() for line in leaf.text.splitlines() if line.strip()]
     return f"{where}{owner}: {lines[0] if lines else message.strip().splitlines()[0]}"
 

@@ -38,7 +38,16 @@ class DplitCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False, "exit_on_error": False})
+        # the optimizer and scheduler are the task's own arguments (`model.init_args.optimizer`): one way only
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """Derived sizes come from the data, never written twice: the backbone's ``num_classes`` is the
+        DataModule's (a backbone without that argument is left alone)."""
+        parser.link_arguments(
+            "data.num_classes", "model.init_args.backbone.init_args.num_classes", apply_on="instantiate"
+        )
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         try:
