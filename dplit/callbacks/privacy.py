@@ -8,14 +8,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
+from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from dplit.callbacks._trainer_checks import check_accumulation, check_min_training, check_trainer, planned_end
 from dplit.callbacks._wiring import TrainLoaderPatch
 from dplit.privacy import budget, engine
 from dplit.privacy.accounting import PrivacyAccountant
 from dplit.privacy.algorithms import DPAlgorithm, make_algorithm
-from dplit.privacy.backends import BACKENDS, PerSampleBackend, make_backend
+from dplit.privacy.backends import PerSampleBackend, make_backend
 from dplit.privacy.compat import prepare_model
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
 from dplit.privacy.ledger import PrivacyLedger
@@ -106,48 +107,10 @@ class DifferentialPrivacy(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._check_accumulation(trainer)
-        if any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks):  # type: ignore[attr-defined]
-            raise PrivacyConfigError(
-                "GradientAccumulationScheduler changes `accumulate_grad_batches` during training, which breaks DP "
-                "(the loss is divided before clipping and the accountant sees the wrong sampling rate). Remove it and "
-                "use a larger `data.batch_size` with `max_physical_batch_size` on DifferentialPrivacy instead."
-            )
-        if sum(isinstance(cb, DifferentialPrivacy) for cb in trainer.callbacks) > 1:  # type: ignore[attr-defined]
-            raise PrivacyConfigError(
-                "More than one DifferentialPrivacy callback is configured (noise would be added twice); keep one."
-            )
-        overfit = getattr(trainer, "overfit_batches", 0)
-        if overfit:
-            raise PrivacyConfigError(
-                f"`trainer.overfit_batches={overfit}` replays the same batches, which is neither the "
-                "Poisson sampling nor the passes the accountant counts. Remove it (or train without DP to debug)."
-            )
-        if trainer.world_size > 1 and not BACKENDS[self.config.grad_sample_mode].ddp_verified:
-            raise PrivacyConfigError(
-                f"`grad_sample_mode: {self.config.grad_sample_mode}` is not verified under DDP (DDP all-reduces the "
-                "gradients before they are clipped). Use `grad_sample_mode: hooks` for multi-device runs."
-            )
-        if trainer.world_size > 1 and self.config.max_physical_batch_size is not None:
-            raise PrivacyConfigError(
-                "`max_physical_batch_size` (virtual steps) is not supported under DDP: ranks would take different "
-                "numbers of physical steps. Remove it, or use more devices to fit the batch in memory."
-            )
-        if not pl_module.automatic_optimization:
-            raise PrivacyConfigError("DifferentialPrivacy supports automatic optimization only.")
+        check_trainer(trainer, pl_module, self.config, DifferentialPrivacy)
         replaced = prepare_model(pl_module, self.config.grad_sample_mode, self.replace_batchnorm)
         if replaced:
             log.warning("DifferentialPrivacy replaced BatchNorm by GroupNorm in: %s", ", ".join(replaced))
-
-    @staticmethod
-    def _check_accumulation(trainer: L.Trainer) -> None:
-        if trainer.accumulate_grad_batches != 1:
-            raise PrivacyConfigError(
-                f"`trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}` breaks DP: Lightning divides "
-                "the loss before clipping (effective clip k*C) and the accountant would see the wrong sampling "
-                "rate. Use a larger `data.batch_size` (the logical batch) with "
-                "`max_physical_batch_size` on DifferentialPrivacy (virtual steps) instead."
-            )
 
     # ---------------------------------------------------------------- on_fit_start: swap in the private pieces
     @override
@@ -199,7 +162,7 @@ class DifferentialPrivacy(Callback):
                 "other statistics each step. Give `noise_multiplier` and `max_epsilon` (the budget) instead."
             )
         self._step_limit = budget.step_limit(self.accountant, cfg, events) if cfg.poisson_sampling else None
-        self._check_min_training(trainer, per_epoch)
+        check_min_training(trainer, cfg, self.accountant, sigma, self._step_limit, per_epoch)
         self.controller = StepController(
             self.accountant,
             self.algorithm,
@@ -297,35 +260,10 @@ class DifferentialPrivacy(Callback):
             assert self.accountant is not None
             self.ledger.write(self._fingerprint, self.accountant.state_dict())
 
-    def _check_min_training(self, trainer: L.Trainer, per_epoch: int) -> None:
-        """Refuse ``min_epochs`` / ``min_steps`` that would force steps past the budget."""
-        assert self.accountant is not None
-        if self.config.budget is None:
-            return
-        min_epochs, min_steps = trainer.min_epochs or 0, trainer.min_steps or 0
-        if not (min_epochs or min_steps):
-            return
-        if self._step_limit is not None:
-            needed = max(min_steps, min_epochs * per_epoch)
-            if needed > self._step_limit:
-                raise PrivacyConfigError(
-                    f"`trainer.min_epochs={min_epochs}` / `min_steps={min_steps}` ask for {needed} steps, but the "
-                    f"privacy budget epsilon={self.config.budget} allows {self._step_limit}: Lightning would not stop "
-                    "at the budget. Lower them (or remove them)."
-                )
-            return
-        assert self.noise_multiplier is not None
-        eps = self.accountant.epsilon_with([(self.noise_multiplier, 1.0, max(1, min_epochs))], self.config.delta)
-        if eps > self.config.budget:
-            raise PrivacyConfigError(
-                f"`trainer.min_epochs={min_epochs}` needs {min_epochs} passes (epsilon {eps:.3g}) over the budget "
-                f"{self.config.budget}: lower it (or remove it)."
-            )
-
     # ---------------------------------------------------------------- per step: guard, account, log, stop
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._check_accumulation(trainer)
+        check_accumulation(trainer)
         if not getattr(trainer.train_dataloader, "_dplit_private", False):
             raise RuntimeError(
                 "DifferentialPrivacy: the train loader in use is not the private one, so sampling would not match "
@@ -338,7 +276,7 @@ class DifferentialPrivacy(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._check_accumulation(trainer)  # whatever set it (a scheduler, a callback) after setup()
+        check_accumulation(trainer)  # whatever set it (a scheduler, a callback) after setup()
         assert self.controller is not None
         self.controller.begin_batch(self._trace.pop(), batch)
         assert self.backend is not None
@@ -379,7 +317,7 @@ class DifferentialPrivacy(Callback):
         stop = self.controller.exhausted or (self._step_limit is not None and self.accountant.steps >= self._step_limit)
         if trainer.world_size > 1:
             stop = trainer.strategy.broadcast(stop, src=0)
-        if stop and self.stop_reason is None and not self._planned_end(trainer, batch_idx):
+        if stop and self.stop_reason is None and not planned_end(trainer, batch_idx):
             self.stop_reason = f"privacy budget reached: epsilon={self.epsilon:.4g} of {self.config.budget}"
             log.warning(
                 "Privacy budget reached: epsilon=%.4f after %d steps; the next step would exceed %g. Stopping.",
@@ -389,15 +327,6 @@ class DifferentialPrivacy(Callback):
             )
         if stop:
             trainer.should_stop = True
-
-    @staticmethod
-    def _planned_end(trainer: L.Trainer, batch_idx: int) -> bool:
-        """This batch ends the planned training anyway (``max_steps``, or the last batch of ``max_epochs``): the
-        budget running out with it (``target_epsilon`` is calibrated to do so) is not a stop by this callback."""
-        if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
-            return True
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        return last_epoch and batch_idx + 1 >= trainer.num_training_batches
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
