@@ -155,7 +155,7 @@ def make_loader(
             raise PrivacyEngineError("`poisson_sampling: false` is not supported under DDP; use Poisson sampling.")
         if generator is None:
             raise PrivacyEngineError("shuffled batches need a (secret) generator")
-        logical = ShuffledBatches(n, plan.batch_size, generator, trace)
+        logical = ShuffledBatches(n, plan.batch_size, generator)
         collate = loader.collate_fn
     batches = TrackedBatches(logical, trace, config.max_physical_batch_size, passes=not config.poisson_sampling)
     return DataLoader(

@@ -58,8 +58,8 @@ class BatchTrace:
 class ShuffledBatches(Sampler[list[int]]):
     """Fixed-size batches of a fresh random permutation per iteration; each iteration is one pass over the data."""
 
-    def __init__(self, num_examples: int, batch_size: int, generator: torch.Generator, trace: BatchTrace) -> None:
-        self.num_examples, self.batch_size, self.generator, self.trace = num_examples, batch_size, generator, trace
+    def __init__(self, num_examples: int, batch_size: int, generator: torch.Generator) -> None:
+        self.num_examples, self.batch_size, self.generator = num_examples, batch_size, generator
 
     def __len__(self) -> int:
         return math.ceil(self.num_examples / self.batch_size)
