@@ -15,7 +15,7 @@ from dplit.callbacks._trainer_checks import check_accumulation, check_min_traini
 from dplit.callbacks._wiring import TrainLoaderPatch
 from dplit.privacy import budget, engine
 from dplit.privacy.accounting import PrivacyAccountant
-from dplit.privacy.algorithms import DPAlgorithm, make_algorithm
+from dplit.privacy.algorithms import DPAlgorithm, build_algorithm
 from dplit.privacy.backends import PerSampleBackend, make_backend
 from dplit.privacy.compat import prepare_model
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
@@ -55,6 +55,13 @@ class DifferentialPrivacy(Callback):
         accountant: AccountantName = "rdp",
         clipping: ClippingMode = "flat",
         algorithm: str = "dpsgd",
+        count_noise: float | None = None,
+        global_threshold: float | None = None,
+        target_quantile: float | None = None,
+        adapt_lr: float | None = None,
+        min_clip: float | None = None,
+        max_clip: float | None = None,
+        stability: float | None = None,
         grad_sample_mode: GradSampleMode = "hooks",
         poisson_sampling: bool = True,
         max_physical_batch_size: int | None = None,
@@ -72,6 +79,13 @@ class DifferentialPrivacy(Callback):
             accountant=accountant,
             clipping=clipping,
             algorithm=algorithm,
+            count_noise=count_noise,
+            global_threshold=global_threshold,
+            target_quantile=target_quantile,
+            adapt_lr=adapt_lr,
+            min_clip=min_clip,
+            max_clip=max_clip,
+            stability=stability,
             grad_sample_mode=grad_sample_mode,
             poisson_sampling=poisson_sampling,
             max_physical_batch_size=max_physical_batch_size,
@@ -149,8 +163,14 @@ class DifferentialPrivacy(Callback):
             testing_seed=cfg.insecure_testing_seed,
         )
         names = getattr(getattr(trainer, "datamodule", None), "group_names", None) or []
-        self.algorithm = make_algorithm(
-            cfg.algorithm, max_grad_norm=cfg.max_grad_norm, noise_multiplier=sigma, sample_rate=q, num_groups=len(names)
+        self.algorithm = build_algorithm(
+            cfg,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            dataset_size=plan.dataset_size,
+            group_names=names,
+            world_size=trainer.world_size,
+            generator=noise_rng,
         )
         if self._restored_algorithm is not None:
             self.algorithm.load_state_dict(self._restored_algorithm)
@@ -346,6 +366,11 @@ class DifferentialPrivacy(Callback):
             "privacy/epsilon": self.epsilon,
             "privacy/delta": self.config.delta,
             "privacy/noise_multiplier": float(self.noise_multiplier or 0.0),
+            **(
+                {"privacy/gradient_noise_multiplier": self.algorithm.gradient_noise_multiplier}
+                if self.algorithm is not None and self.algorithm.gradient_noise_multiplier != self.noise_multiplier
+                else {}
+            ),
             "privacy/sample_rate": self.plan.sample_rate,
             "privacy/steps": float(self.accountant.steps),
             **{f"privacy/{k}": v for k, v in (self.controller.released_metrics if self.controller else {}).items()},

@@ -9,11 +9,20 @@ it releases, e.g. a noisy count of clipped examples per group); the accountant c
 ``noise_multiplier * sensitivity``.
 
 DP-SGD (Abadi et al. 2016) is the first algorithm: ``w_i = min(1, C / ||g_i||)``, one subsampled Gaussian per step.
-Register more with :func:`register_algorithm` (as Opacus registers accountants).
+The mitigations of disparate impact (``dplit.privacy.mitigations``) are the others. Register more with
+:func:`register_algorithm` (as Opacus registers accountants).
+
+An algorithm that releases noisy statistics splits the configured ``noise_multiplier`` sigma between the gradient
+sum and the statistics: the gradient gets ``gradient_noise_multiplier`` sigma_g >= sigma chosen so that the joint
+Gaussian mechanism of one step (gradient sum and statistics, on the same Poisson sample) has the effective noise
+multiplier ``(sigma_g^-2 + sum_j (s_j / D_j)^-2)^-1/2 = sigma`` (Andrew et al. 2021, Thm. 1; s_j, D_j: noise std and
+L2 sensitivity of statistic j). Every algorithm therefore spends exactly the events of DP-SGD with the same sigma,
+which is what makes comparisons at equal epsilon exact, and ``target_epsilon`` calibrates sigma for all of them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -36,12 +45,42 @@ class DPAlgorithm:
     """
 
     name: ClassVar[str] = "dpsgd"
+    hyperparameters: ClassVar[tuple[str, ...]] = ()
+    """Names of the ``DifferentialPrivacy`` arguments this algorithm reads (the others must stay unset)."""
+    requires_groups: ClassVar[bool] = False
+    """True if the clip rule needs each unit's group id (batches ``(x, y, group)``)."""
 
-    def __init__(self, max_grad_norm: float, noise_multiplier: float, sample_rate: float, num_groups: int = 0) -> None:
+    def __init__(
+        self,
+        max_grad_norm: float,
+        noise_multiplier: float,
+        sample_rate: float,
+        num_groups: int = 0,
+        dataset_size: int = 0,
+    ) -> None:
         self.max_grad_norm = max_grad_norm
         self.noise_multiplier = noise_multiplier
         self.sample_rate = sample_rate
         self.num_groups = num_groups
+        self.dataset_size = dataset_size
+        self.generator: Any = None
+        self.secure_mode = False
+
+    def bind_noise(self, generator: Any, secure_mode: bool) -> None:
+        """The secret generator of the step's noise; an algorithm's noisy statistics draw from it too."""
+        self.generator, self.secure_mode = generator, secure_mode
+
+    @property
+    def gradient_noise_multiplier(self) -> float:
+        """Std of the noise on the clipped gradient sum, relative to ``sensitivity`` (sigma when nothing else is
+        released; larger when noisy statistics share the step's budget, see the module docstring)."""
+        return self.noise_multiplier
+
+    def observe(self, norms: torch.Tensor, groups: torch.Tensor | None) -> None:
+        """Accumulate this physical batch's contribution to the statistics released with the next step."""
+
+    def discard(self) -> None:
+        """Forget statistics accumulated for a logical batch that is never released (cut, or refused)."""
 
     @property
     def sensitivity(self) -> float:
@@ -65,6 +104,67 @@ class DPAlgorithm:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def build_algorithm(
+    config: Any,
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    dataset_size: int,
+    group_names: list[str],
+    world_size: int,
+    generator: Any,
+) -> DPAlgorithm:
+    """The configured algorithm (a ``PrivacyConfig``'s ``algorithm`` and hyper-parameters) for one fit.
+
+    Refuses setups it cannot serve correctly: a per-group rule without group names, and any algorithm other than
+    DP-SGD under DDP (their statistics are not all-reduced yet).
+    """
+    from dplit.privacy.config import PrivacyConfigError
+
+    cls = ALGORITHMS[config.algorithm]
+    if cls.requires_groups and not group_names:
+        raise PrivacyConfigError(
+            f"`algorithm: {config.algorithm}` clips each example by its group's bound, but the DataModule declares no "
+            "`group_names`: use a dplit GroupedDataModule (batches (x, y, group)) or another algorithm."
+        )
+    if world_size > 1 and config.algorithm != "dpsgd":
+        raise PrivacyConfigError(
+            f"`algorithm: {config.algorithm}` does not run under DDP yet (its noisy statistics would be counted on "
+            "each rank separately); train it on one device, or use `algorithm: dpsgd` with several devices."
+        )
+    algorithm = make_algorithm(
+        config.algorithm,
+        max_grad_norm=config.max_grad_norm,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        num_groups=len(group_names),
+        dataset_size=dataset_size,
+        **config.algorithm_kwargs(),
+    )
+    algorithm.bind_noise(None if config.secure_mode else generator, config.secure_mode)
+    return algorithm
+
+
+def split_noise(noise_multiplier: float, statistic_multipliers: list[float], field: str) -> float:
+    """Gradient noise multiplier sigma_g with ``(sigma_g^-2 + sum_j m_j^-2)^-1/2 = noise_multiplier``.
+
+    ``statistic_multipliers`` are the statistics' noise std divided by their L2 sensitivity. Refuses (naming
+    ``field``) when the statistics alone would already spend the step's budget.
+    """
+    from dplit.privacy.config import PrivacyConfigError
+
+    rest = noise_multiplier**-2 - sum(m**-2 for m in statistic_multipliers)
+    if rest <= 0 or not math.isfinite(rest):
+        needed = noise_multiplier * math.sqrt(len(statistic_multipliers))
+        raise PrivacyConfigError(
+            f"the privacy budget is too small for the noisy statistics: the step's noise multiplier is "
+            f"{noise_multiplier:.4g} (from `noise_multiplier` / `target_epsilon`), and `{field}` gives the statistics "
+            f"noise multipliers {', '.join(f'{m:.4g}' for m in statistic_multipliers)}, which alone spend at least "
+            f"that budget. Raise `{field}` well above {needed:.3g} (e.g. 10x), or raise the budget."
+        )
+    return rest**-0.5
 
 
 def checked_factors(algorithm: DPAlgorithm, norms: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
@@ -94,6 +194,7 @@ def register_algorithm(name: str, cls: type[DPAlgorithm]) -> None:
 
 
 def make_algorithm(name: str, **kwargs: Any) -> DPAlgorithm:
+    """An instance of the algorithm registered as ``name``; ``kwargs``: the base arguments and its hyper-parameters."""
     if name not in ALGORITHMS:
         raise ValueError(f"`algorithm` must be one of {', '.join(sorted(ALGORITHMS))}; got {name!r}")
     return ALGORITHMS[name](**kwargs)
@@ -103,7 +204,11 @@ __all__ = [
     "ALGORITHMS",
     "DPAlgorithm",
     "SensitivityError",
+    "build_algorithm",
     "checked_factors",
     "make_algorithm",
     "register_algorithm",
+    "split_noise",
 ]
+
+from dplit.privacy import mitigations as _mitigations  # noqa: E402,F401  (registers the mitigation algorithms)

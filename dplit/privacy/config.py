@@ -13,6 +13,18 @@ ClippingMode = Literal["flat", "per_layer"]
 GradSampleMode = Literal["hooks", "functorch", "ghost", "bookkeeping"]
 
 
+ALGORITHM_HYPERPARAMETERS = (
+    "count_noise",
+    "global_threshold",
+    "target_quantile",
+    "adapt_lr",
+    "min_clip",
+    "max_clip",
+    "stability",
+)
+"""``PrivacyConfig`` fields read only by some DP algorithms (each algorithm lists its own in ``hyperparameters``)."""
+
+
 class PrivacyConfigError(ValueError):
     """A privacy hyper-parameter is missing, contradictory or out of range."""
 
@@ -41,6 +53,22 @@ class PrivacyConfig:
     algorithm: str = "dpsgd"
     """DP algorithm (a name in ``dplit.privacy.algorithms.ALGORITHMS``): how each example's gradient is weighted
     before the noise, and which privacy events each step spends. ``dpsgd``: flat clipping to ``max_grad_norm``."""
+    count_noise: float | None = None
+    """dpsgd_f, global_adapt, adaptive_clipping: std of the Gaussian noise on each noisy count they release (default
+    10). The step's ``noise_multiplier`` is shared with these counts: the gradient gets slightly more noise."""
+    global_threshold: float | None = None
+    """global_adapt: initial upper threshold Z on gradient norms (default 100; kept >= ``max_grad_norm``)."""
+    target_quantile: float | None = None
+    """global_adapt: fraction of examples with norm <= Z (default 0.9); adaptive_clipping: fraction left unclipped
+    (default 0.5)."""
+    adapt_lr: float | None = None
+    """global_adapt / adaptive_clipping: step of the geometric threshold update (defaults 1.0 / 0.2)."""
+    min_clip: float | None = None
+    """adaptive_clipping: lower bound on the adapted clip bound (default ``max_grad_norm``)."""
+    max_clip: float | None = None
+    """adaptive_clipping: upper bound on the adapted clip bound (default: none)."""
+    stability: float | None = None
+    """automatic_clipping: gamma in ``C g / (||g|| + gamma)`` (default 0.01)."""
     grad_sample_mode: GradSampleMode = "hooks"
     """How per-sample gradients are obtained: ``hooks`` (Opacus hooks), ``functorch`` (vmap), ``ghost``
     (ghost clipping: per-sample norms without per-sample gradients; flat clipping only), ``bookkeeping``
@@ -103,6 +131,19 @@ class PrivacyConfig:
             raise PrivacyConfigError(
                 f"`algorithm` must be one of {', '.join(sorted(ALGORITHMS))}; got {self.algorithm!r}."
             )
+        used = ALGORITHMS[self.algorithm].hyperparameters
+        for name in ALGORITHM_HYPERPARAMETERS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name not in used:
+                users = sorted(a for a, cls in ALGORITHMS.items() if name in cls.hyperparameters)
+                raise PrivacyConfigError(
+                    f"`{name}` is a hyper-parameter of {', '.join(users)}; `algorithm: {self.algorithm}` does not use "
+                    f"it. Remove `{name}` or choose one of those algorithms."
+                )
+            if not (value > 0 and math.isfinite(value)):
+                raise PrivacyConfigError(f"`{name}` must be a positive number, got {value}.")
         if self.algorithm != "dpsgd" and (self.clipping != "flat" or not self.poisson_sampling):
             raise PrivacyConfigError(
                 f"`algorithm: {self.algorithm}` needs `clipping: flat` and Poisson sampling (its extra releases are "
@@ -110,6 +151,10 @@ class PrivacyConfig:
             )
         if self.max_physical_batch_size is not None and self.max_physical_batch_size < 1:
             raise PrivacyConfigError(f"`max_physical_batch_size` must be >= 1, got {self.max_physical_batch_size}.")
+
+    def algorithm_kwargs(self) -> dict[str, float]:
+        """The DP algorithm's hyper-parameters that were set (the algorithm supplies defaults for the rest)."""
+        return {k: getattr(self, k) for k in ALGORITHM_HYPERPARAMETERS if getattr(self, k) is not None}
 
     @property
     def budget(self) -> float | None:
@@ -129,4 +174,11 @@ class PrivacyConfig:
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
-__all__ = ["AccountantName", "ClippingMode", "GradSampleMode", "PrivacyConfig", "PrivacyConfigError"]
+__all__ = [
+    "ALGORITHM_HYPERPARAMETERS",
+    "AccountantName",
+    "ClippingMode",
+    "GradSampleMode",
+    "PrivacyConfig",
+    "PrivacyConfigError",
+]

@@ -148,6 +148,8 @@ class StepController:
     def begin_batch(self, record: tuple[bool, int | None], batch: Any = None) -> None:
         self.current, self.stepped = record, False
         group = batch[2] if isinstance(batch, list | tuple) and len(batch) >= 3 else None
+        if isinstance(group, torch.Tensor) and group.dim() == 2:
+            group = group[:, 0]  # several group attributes: the primary one (column 0)
         self.groups = group if isinstance(group, torch.Tensor) and group.dim() == 1 else None
 
     def rows_per_unit(self, rows: int) -> int:
@@ -167,9 +169,15 @@ class StepController:
         return rows // units
 
     def factors(self, norms: torch.Tensor) -> torch.Tensor:
-        """The algorithm's per-unit factors for pre-clipping unit norms, checked against its sensitivity."""
+        """The algorithm's per-unit factors for pre-clipping unit norms, checked against its sensitivity.
+
+        Called exactly once per physical batch (by the optimizer or the backend's backward); the algorithm also
+        counts the batch into the statistics it releases with the step.
+        """
         groups = self.groups if self.groups is not None and len(self.groups) == len(norms) else None
-        return checked_factors(self.algorithm, norms, groups)
+        factors = checked_factors(self.algorithm, norms, groups)
+        self.algorithm.observe(norms, groups)
+        return factors
 
     def _step_events(self, pass_id: int | None) -> list[Event]:
         if self.pass_events is None:
@@ -196,6 +204,7 @@ class StepController:
         closes, pass_id = self.current
         if self.exhausted or not self._within_budget(self._step_events(pass_id) if closes else []):
             self.exhausted = True
+            self.algorithm.discard()  # nothing of this logical batch is released, its statistics included
             return "refuse"
         if not closes:
             self.pending = True
@@ -231,7 +240,9 @@ def controlled_optimizer_class(base: type) -> type:
                 return False  # nothing clipped, noised, stepped or accounted
             if decision == "accumulate":
                 self.signal_skip_step(do_skip=True)  # consumed by this very pre_step: no queue outlives the call
-            self.max_grad_norm = controller.algorithm.sensitivity  # the noise std is sigma times this
+            # the noise std is sigma_g times the sensitivity (sigma_g = sigma unless statistics share the budget)
+            self.max_grad_norm = controller.algorithm.sensitivity
+            self.noise_multiplier = controller.algorithm.gradient_noise_multiplier
             if not super().pre_step(closure):
                 return False
             controller.released()
@@ -268,6 +279,7 @@ def discard_pending(optimizer: Any, controller: StepController) -> bool:
         return False
     for p in optimizer.params:
         p.summed_grad = None
+    controller.algorithm.discard()
     controller.pending = False
     return True
 
