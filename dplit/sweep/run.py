@@ -1,0 +1,210 @@
+"""Running a sweep: each cell as `dplit fit` in its own process, one after the other, resumable.
+
+A cell is done when ``OUT/<cell>/version_N/summary.json`` says a fit ``completed`` (``dplit.callbacks.RunSummary``);
+done cells are skipped, so rerunning the same command resumes the sweep. A failed cell is reported, the sweep goes on
+with the others and exits non-zero at the end; the next invocation retries it (a new ``version_N``). The manifest
+``OUT/sweep.json`` (spec, cells, status) is rewritten after every cell; statuses are read back from the cell folders,
+so concurrent cluster tasks, each rewriting it, cannot leave a wrong status behind for long.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dplit.report.select import read_summary
+from dplit.sweep.cells import Cell, write_cell_config
+from dplit.sweep.spec import SweepSpec
+
+MANIFEST = "sweep.json"
+SPEC_FILE = "sweep.yaml"
+"""The spec as the sweep ran it (absolute paths), read back by cluster jobs: ``dplit sweep --spec OUT/sweep.yaml``."""
+LOG_NAME = "fit.log"
+_VERSION = re.compile(r"version_(\d+)")
+PYTHON = sys.executable
+"""The interpreter that runs each cell's ``-m dplit.cli fit``."""
+
+
+def versions(cell_dir: Path) -> list[Path]:
+    """The cell's ``version_N`` folders, oldest first."""
+    if not cell_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in cell_dir.iterdir() if d.is_dir() and (m := _VERSION.fullmatch(d.name))]
+    return [d for _, d in sorted(found)]
+
+
+def completed_run(cell_dir: Path) -> Path | None:
+    """The cell's completed fit (``summary.json``: kind fit, status completed), the newest if several; else None."""
+    done = [d for d in versions(cell_dir) if _is_completed(read_summary(d))]
+    return done[-1] if done else None
+
+
+def _is_completed(summary: dict[str, Any]) -> bool:
+    return summary.get("status") == "completed" and summary.get("kind", "fit") == "fit"
+
+
+def cell_status(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
+    """``{"status": completed|failed|pending, "run": version dir, "error": why}`` read from the cell folder."""
+    folder = spec.out / cell.name
+    run = completed_run(folder)
+    if run is not None:
+        return {"status": "completed", "run": str(run)}
+    tried = versions(folder)
+    if not tried and not (folder / LOG_NAME).is_file():
+        return {"status": "pending", "run": None}
+    summary = read_summary(tried[-1]) if tried else {}
+    error = summary.get("error") or (
+        f"{summary['status']}" if summary.get("status") else f"no completed run; see {folder / LOG_NAME}"
+    )
+    return {"status": "failed", "run": str(tried[-1]) if tried else None, "error": str(error)[:300]}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_manifest(spec: SweepSpec, cells: list[Cell], extra: dict[str, dict[str, Any]] | None = None) -> Path:
+    """``OUT/sweep.json``: the spec, every cell (index, name, grid values, fit command) and its status."""
+    entries = []
+    for cell in cells:
+        entry = {**cell.to_dict(), "dir": str(spec.out / cell.name), "command": fit_command(spec, cell)}
+        entry.update(cell_status(spec, cell))
+        entry.update((extra or {}).get(cell.name, {}))
+        entries.append(entry)
+    counts = {s: sum(e["status"] == s for e in entries) for s in ("completed", "failed", "pending")}
+    manifest = {"spec": spec.to_dict(absolute=True), "cwd": os.getcwd(), "counts": counts, "cells": entries}
+    path = spec.out / MANIFEST
+    write_atomic(path, json.dumps(manifest, indent=2, default=str) + "\n")
+    return path
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    """``OUT/sweep.json`` as written by ``write_manifest`` ({} when absent or unreadable)."""
+    try:
+        data = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def fit_argv(spec: SweepSpec, cell: Cell) -> list[str]:
+    """The ``dplit`` arguments that train ``cell``: ``fit --config OUT/<cell>/config.yaml [fit_args...]``."""
+    return ["fit", "--config", str(spec.out / cell.name / "config.yaml"), *spec.fit_args]
+
+
+def fit_command(spec: SweepSpec, cell: Cell) -> str:
+    """The shell command that reruns ``cell`` by hand."""
+    import shlex
+
+    return shlex.join(["dplit", *fit_argv(spec, cell)])
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of a cell's process: the sweep's, with this dplit first on the path when it is a checkout
+    (not installed), so every cell runs the same code as the sweep."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    root = str(Path(__file__).resolve().parents[2])
+    if "site-packages" not in root:
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_cell_subprocess(spec: SweepSpec, base: dict[str, Any], cell: Cell) -> tuple[int, float]:
+    """Writes the cell's config and runs ``python -m dplit.cli fit`` on it, output in ``OUT/<cell>/fit.log``.
+
+    Returns the exit code and the seconds it took.
+    """
+    write_cell_config(base, spec, cell)
+    log = spec.out / cell.name / LOG_NAME
+    start = time.monotonic()
+    with log.open("a") as handle:
+        handle.write(f"$ {fit_command(spec, cell)}\n")
+        handle.flush()
+        proc = subprocess.run(
+            [PYTHON, "-m", "dplit.cli", *fit_argv(spec, cell)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=_child_env(),
+            check=False,
+        )
+    return proc.returncode, time.monotonic() - start
+
+
+def run_cell_here(spec: SweepSpec, base: dict[str, Any], cell: Cell, wandb: bool | None = None) -> int:
+    """Writes the cell's config and runs ``dplit fit`` on it in this process (a cluster task: one cell, one
+    process, output on the console); returns the exit code."""
+    write_cell_config(base, spec, cell, wandb)
+    from dplit.cli.main import main as dplit_main
+
+    return dplit_main(fit_argv(spec, cell))
+
+
+def _tail(path: Path, lines: int = 6) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(f"    {line}" for line in text[-lines:])
+
+
+def run_sweep(spec: SweepSpec, base: dict[str, Any], cells: list[Cell]) -> int:
+    """Runs every cell without a completed fit, in order, under a progress bar; returns 0, or 1 if any failed."""
+    from tqdm import tqdm
+
+    todo = [c for c in cells if completed_run(spec.out / c.name) is None]
+    done = len(cells) - len(todo)
+    print(f"dplit sweep: {len(cells)} cells in {spec.out}: {done} done (skipped), {len(todo)} to run", flush=True)
+    extra: dict[str, dict[str, Any]] = {}
+    write_manifest(spec, cells)
+    failed: list[Cell] = []
+    bar = tqdm(todo, desc="sweep", unit="cell", initial=0, total=len(todo), dynamic_ncols=True, file=sys.stderr)
+    for cell in bar:
+        bar.set_postfix_str(cell.name)
+        code, seconds = run_cell_subprocess(spec, base, cell)
+        extra[cell.name] = {"returncode": code, "seconds": round(seconds, 1)}
+        status = cell_status(spec, cell)
+        if code == 0 and status["status"] == "completed":
+            acc = read_summary(Path(status["run"])).get("acc")
+            shown = f", {read_summary(Path(status['run'])).get('split', 'val')} acc {100 * acc:.1f}%" if acc else ""
+            bar.write(f"{cell.name}: completed in {seconds:.0f} s{shown}")
+        else:
+            failed.append(cell)
+            bar.write(f"{cell.name}: FAILED (exit code {code}); log {spec.out / cell.name / LOG_NAME}:\n"
+                      f"{_tail(spec.out / cell.name / LOG_NAME)}")  # fmt: skip
+        write_manifest(spec, cells, extra)
+    bar.close()
+    manifest = write_manifest(spec, cells, extra)
+    if failed:
+        print(f"dplit sweep: {len(failed)} cell(s) failed: {', '.join(c.name for c in failed)}; fix the cause and "
+              "rerun the same command (finished cells are skipped)", file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"dplit sweep: all {len(cells)} cells completed; manifest {manifest}; next: dplit report {spec.out}")
+    return 0
+
+
+__all__ = [
+    "LOG_NAME",
+    "MANIFEST",
+    "SPEC_FILE",
+    "cell_status",
+    "completed_run",
+    "fit_argv",
+    "fit_command",
+    "read_manifest",
+    "run_cell_here",
+    "run_cell_subprocess",
+    "run_sweep",
+    "versions",
+    "write_atomic",
+    "write_manifest",
+]
