@@ -94,16 +94,22 @@ def load_base(spec: SweepSpec) -> dict[str, Any]:
     trainer = base["trainer"]
     loggers = _as_list(trainer.get("logger"))
     if not any(_class_name(lg).endswith("CSVLogger") for lg in loggers):
-        raise SpecError(f"{where}: no CSV logger in trainer.logger: the sweep report reads metrics.csv; add "
-                        "`- class_path: dplit.loggers.CSVLogger` with `init_args: {name: \"\"}`")  # fmt: skip
+        raise SpecError(
+            f"{where}: no CSV logger in trainer.logger: the sweep report reads metrics.csv; add "
+            '`- class_path: dplit.loggers.CSVLogger` with `init_args: {name: ""}`'
+        )
     if not any(_class_name(cb).endswith("SubgroupMetrics") for cb in _as_list(trainer.get("callbacks"))):
-        raise SpecError(f"{where}: no dplit.callbacks.SubgroupMetrics in trainer.callbacks: the sweep compares "
-                        "per-group accuracy; add it")  # fmt: skip
+        raise SpecError(
+            f"{where}: no dplit.callbacks.SubgroupMetrics in trainer.callbacks: the sweep compares "
+            "per-group accuracy; add it"
+        )
     dp_methods = [m for m in spec.algorithms if m != NODP]
     if dp_methods and dp_callback(base) is None:
-        raise SpecError(f"{where} has no dplit.callbacks.DifferentialPrivacy in trainer.callbacks, but grid.algorithm "
-                        f"asks for {', '.join(dp_methods)}: use the DP config (e.g. configs/quickstart.yaml, not its "
-                        "_nodp twin); the sweep derives the non-DP cells from it")  # fmt: skip
+        raise SpecError(
+            f"{where} has no dplit.callbacks.DifferentialPrivacy in trainer.callbacks, but grid.algorithm "
+            f"asks for {', '.join(dp_methods)}: use the DP config (e.g. configs/quickstart.yaml, not its "
+            "_nodp twin); the sweep derives the non-DP cells from it"
+        )
     return base
 
 
@@ -168,7 +174,9 @@ def write_cell_config(base: dict[str, Any], spec: SweepSpec, cell: Cell, wandb: 
     folder = spec.out / cell.name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CONFIG_NAME
-    header = f"# sweep cell {cell.name} (written by `dplit sweep` from {spec.config}; rerun: dplit fit --config {path})\n"
+    header = (
+        f"# sweep cell {cell.name} (written by `dplit sweep` from {spec.config}; rerun: dplit fit --config {path})\n"
+    )
     path.write_text(header + yaml.safe_dump(cell_config(base, spec, cell, wandb), sort_keys=False))
     return path
 

@@ -50,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _spec(args: argparse.Namespace, fit_args: list[str]) -> SweepSpec:
-    grid_flags = {"--config": args.config, "--algorithms": args.algorithms, "--epsilons": args.epsilons,
-                  "--noise-multipliers": args.noise_multipliers, "--seeds": args.seeds}  # fmt: skip
+    grid_flags = {
+        "--config": args.config,
+        "--algorithms": args.algorithms,
+        "--epsilons": args.epsilons,
+        "--noise-multipliers": args.noise_multipliers,
+        "--seeds": args.seeds,
+    }
     given = [flag for flag, value in grid_flags.items() if value is not None]
     if args.spec is not None:
         if given:
@@ -59,13 +64,21 @@ def _spec(args: argparse.Namespace, fit_args: list[str]) -> SweepSpec:
         spec = load_spec(args.spec)
     else:
         if args.config is None or args.out is None or args.algorithms is None:
-            missing = [f for f, v in (("--config", args.config), ("--algorithms", args.algorithms),
-                                      ("--out", args.out)) if v is None]  # fmt: skip
-            raise SpecError(f"missing {', '.join(missing)}: give --spec SWEEP.yaml, or --config FIT.yaml --algorithms "
-                            "dpsgd nodp --epsilons 1 8 --seeds 0 1 --out runs/sweeps/NAME")  # fmt: skip
+            missing = [
+                f
+                for f, v in (("--config", args.config), ("--algorithms", args.algorithms), ("--out", args.out))
+                if v is None
+            ]
+            raise SpecError(
+                f"missing {', '.join(missing)}: give --spec SWEEP.yaml, or --config FIT.yaml --algorithms "
+                "dpsgd nodp --epsilons 1 8 --seeds 0 1 --out runs/sweeps/NAME"
+            )
         grid: dict[str, object] = {"algorithm": args.algorithms}
-        for key, value in (("epsilon", args.epsilons), ("noise_multiplier", args.noise_multipliers),
-                           ("seed", args.seeds)):  # fmt: skip
+        for key, value in (
+            ("epsilon", args.epsilons),
+            ("noise_multiplier", args.noise_multipliers),
+            ("seed", args.seeds),
+        ):
             if value is not None:
                 grid[key] = value
         spec = from_dict({"config": str(args.config), "out": str(args.out), "grid": grid}, source="the flags")

@@ -31,7 +31,9 @@ def slurm_script(spec: SweepSpec, cells: list[Cell], python: str = sys.executabl
     """A SLURM array script: task ``i`` runs cell ``i`` in this working directory; logs in ``OUT/slurm/``."""
     out = spec.out.resolve()
     spec_file = out / SPEC_FILE
-    command = shlex.join(cell_argv(spec_file, "__DPLIT_CELL__", python)).replace("__DPLIT_CELL__", '"${SLURM_ARRAY_TASK_ID}"')
+    command = shlex.join(cell_argv(spec_file, "__DPLIT_CELL__", python)).replace(
+        "__DPLIT_CELL__", '"${SLURM_ARRAY_TASK_ID}"'
+    )
     listing = "\n".join(f"#   {c.index:>3}  {c.name}" for c in cells)
     return f"""#!/bin/bash
 # dplit sweep {out.name}: one SLURM array task per cell ({len(cells)} cells), written by `dplit sweep --emit slurm`.

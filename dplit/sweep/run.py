@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,8 @@ MANIFEST = "sweep.json"
 SPEC_FILE = "sweep.yaml"
 """The spec as the sweep ran it (absolute paths), read back by cluster jobs: ``dplit sweep --spec OUT/sweep.yaml``."""
 LOG_NAME = "fit.log"
+RUNNING = ".running"
+"""Marker file in a cell folder while a sweep process trains it (pid and host)."""
 _VERSION = re.compile(r"version_(\d+)")
 PYTHON = sys.executable
 """The interpreter that runs each cell's ``-m dplit.cli fit``."""
@@ -51,10 +56,16 @@ def _is_completed(summary: dict[str, Any]) -> bool:
 
 def cell_status(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
     """``{"status": completed|failed|pending, "run": version dir, "error": why}`` read from the cell folder."""
-    folder = spec.out / cell.name
+    return folder_status(spec.out / cell.name)
+
+
+def folder_status(folder: Path) -> dict[str, Any]:
+    """``cell_status`` of a cell folder ``OUT/<cell>``."""
     run = completed_run(folder)
     if run is not None:
         return {"status": "completed", "run": str(run)}
+    if is_running(folder):
+        return {"status": "running", "run": None}
     tried = versions(folder)
     if not tried and not (folder / LOG_NAME).is_file():
         return {"status": "pending", "run": None}
@@ -63,6 +74,33 @@ def cell_status(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
         f"{summary['status']}" if summary.get("status") else f"no completed run; see {folder / LOG_NAME}"
     )
     return {"status": "failed", "run": str(tried[-1]) if tried else None, "error": str(error)[:300]}
+
+
+def is_running(folder: Path) -> bool:
+    """A sweep process is training this cell now (its marker exists and, on this host, its process is alive)."""
+    try:
+        marker = json.loads((folder / RUNNING).read_text())
+    except (OSError, ValueError):
+        return False
+    if marker.get("host") != socket.gethostname():
+        return True  # another node (a cluster task): cannot check its process from here
+    try:
+        os.kill(int(marker.get("pid", -1)), 0)
+    except (OSError, ValueError):
+        return False  # the process is gone: the attempt ended without a completed run
+    return True
+
+
+@contextmanager
+def running(folder: Path) -> Iterator[None]:
+    """Marks ``folder`` as being trained by this process while the block runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_atomic(folder / RUNNING, json.dumps(marker) + "\n")
+    try:
+        yield
+    finally:
+        (folder / RUNNING).unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -81,7 +119,7 @@ def write_manifest(spec: SweepSpec, cells: list[Cell], extra: dict[str, dict[str
         entry.update(cell_status(spec, cell))
         entry.update((extra or {}).get(cell.name, {}))
         entries.append(entry)
-    counts = {s: sum(e["status"] == s for e in entries) for s in ("completed", "failed", "pending")}
+    counts = {s: sum(e["status"] == s for e in entries) for s in ("completed", "running", "failed", "pending")}
     manifest = {"spec": spec.to_dict(absolute=True), "cwd": os.getcwd(), "counts": counts, "cells": entries}
     path = spec.out / MANIFEST
     write_atomic(path, json.dumps(manifest, indent=2, default=str) + "\n")
@@ -127,7 +165,7 @@ def run_cell_subprocess(spec: SweepSpec, base: dict[str, Any], cell: Cell) -> tu
     write_cell_config(base, spec, cell)
     log = spec.out / cell.name / LOG_NAME
     start = time.monotonic()
-    with log.open("a") as handle:
+    with running(spec.out / cell.name), log.open("a") as handle:
         handle.write(f"$ {fit_command(spec, cell)}\n")
         handle.flush()
         proc = subprocess.run(
@@ -146,7 +184,8 @@ def run_cell_here(spec: SweepSpec, base: dict[str, Any], cell: Cell, wandb: bool
     write_cell_config(base, spec, cell, wandb)
     from dplit.cli.main import main as dplit_main
 
-    return dplit_main(fit_argv(spec, cell))
+    with running(spec.out / cell.name):
+        return dplit_main(fit_argv(spec, cell))
 
 
 def _tail(path: Path, lines: int = 6) -> str:
@@ -179,14 +218,19 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cells: list[Cell]) -> int:
             bar.write(f"{cell.name}: completed in {seconds:.0f} s{shown}")
         else:
             failed.append(cell)
-            bar.write(f"{cell.name}: FAILED (exit code {code}); log {spec.out / cell.name / LOG_NAME}:\n"
-                      f"{_tail(spec.out / cell.name / LOG_NAME)}")  # fmt: skip
+            bar.write(
+                f"{cell.name}: FAILED (exit code {code}); log {spec.out / cell.name / LOG_NAME}:\n"
+                f"{_tail(spec.out / cell.name / LOG_NAME)}"
+            )
         write_manifest(spec, cells, extra)
     bar.close()
     manifest = write_manifest(spec, cells, extra)
     if failed:
-        print(f"dplit sweep: {len(failed)} cell(s) failed: {', '.join(c.name for c in failed)}; fix the cause and "
-              "rerun the same command (finished cells are skipped)", file=sys.stderr)  # fmt: skip
+        print(
+            f"dplit sweep: {len(failed)} cell(s) failed: {', '.join(c.name for c in failed)}; fix the cause and "
+            "rerun the same command (finished cells are skipped)",
+            file=sys.stderr,
+        )
         return 1
     print(f"dplit sweep: all {len(cells)} cells completed; manifest {manifest}; next: dplit report {spec.out}")
     return 0
@@ -198,12 +242,15 @@ __all__ = [
     "SPEC_FILE",
     "cell_status",
     "completed_run",
+    "folder_status",
     "fit_argv",
+    "is_running",
     "fit_command",
     "read_manifest",
     "run_cell_here",
     "run_cell_subprocess",
     "run_sweep",
+    "running",
     "versions",
     "write_atomic",
     "write_manifest",

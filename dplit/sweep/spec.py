@@ -103,20 +103,28 @@ def from_dict(data: Any, source: str = "the sweep spec") -> SweepSpec:
         raise SpecError(f"{source} must be a YAML mapping with keys {', '.join(FIELDS)}; got {type(data).__name__}")
     for key in data:
         if key not in FIELDS:
-            raise SpecError(f"{source}: unknown field `{key}`{did_you_mean(str(key), FIELDS)}; fields: {', '.join(FIELDS)}")
+            raise SpecError(
+                f"{source}: unknown field `{key}`{did_you_mean(str(key), FIELDS)}; fields: {', '.join(FIELDS)}"
+            )
     for key in ("config", "out", "grid"):
         if not data.get(key):
-            raise SpecError(f"{source}: `{key}` is missing (e.g. config: configs/quickstart.yaml, out: runs/sweeps/x, "
-                            "grid: {algorithm: [dpsgd, nodp], epsilon: [1, 8], seed: [0, 1]})")  # fmt: skip
+            raise SpecError(
+                f"{source}: `{key}` is missing (e.g. config: configs/quickstart.yaml, out: runs/sweeps/x, "
+                "grid: {algorithm: [dpsgd, nodp], epsilon: [1, 8], seed: [0, 1]})"
+            )
     grid = data["grid"]
     if not isinstance(grid, dict):
         raise SpecError(f"{source}: `grid` must map axes ({', '.join(AXES)}) to lists of values; got {grid!r}")
     for axis in grid:
         if axis not in AXES:
-            raise SpecError(f"{source}: unknown grid axis `{axis}`{did_you_mean(str(axis), AXES)}; axes: {', '.join(AXES)}")
+            raise SpecError(
+                f"{source}: unknown grid axis `{axis}`{did_you_mean(str(axis), AXES)}; axes: {', '.join(AXES)}"
+            )
     if "epsilon" in grid and "noise_multiplier" in grid:
-        raise SpecError(f"{source}: `grid` has both `epsilon` and `noise_multiplier`: sweep one (target epsilon, or "
-                        "fixed noise whose epsilon then results)")  # fmt: skip
+        raise SpecError(
+            f"{source}: `grid` has both `epsilon` and `noise_multiplier`: sweep one (target epsilon, or "
+            "fixed noise whose epsilon then results)"
+        )
     if "algorithm" not in grid:
         raise SpecError(f"{source}: `grid.algorithm` is missing: list the methods to compare, e.g. [dpsgd, nodp]")
     algorithms = grid["algorithm"] if isinstance(grid["algorithm"], list) else [grid["algorithm"]]
@@ -126,8 +134,10 @@ def from_dict(data: Any, source: str = "the sweep spec") -> SweepSpec:
         raise SpecError(f"{source}: `grid.algorithm` lists a name twice ({algorithms})")
     methods = data.get("methods") or {}
     if not isinstance(methods, dict) or not all(isinstance(v or {}, dict) for v in methods.values()):
-        raise SpecError(f"{source}: `methods` must map names to DifferentialPrivacy init_args, e.g. "
-                        "{dpsgd_c01: {algorithm: dpsgd, max_grad_norm: 0.1}}")  # fmt: skip
+        raise SpecError(
+            f"{source}: `methods` must map names to DifferentialPrivacy init_args, e.g. "
+            "{dpsgd_c01: {algorithm: dpsgd, max_grad_norm: 0.1}}"
+        )
     fit_args = data.get("fit_args") or []
     if not isinstance(fit_args, list) or not all(isinstance(a, str | int | float) for a in fit_args):
         raise SpecError(f"{source}: `fit_args` must be a list of `dplit fit` arguments, e.g. [--trainer.max_epochs=3]")
@@ -159,8 +169,10 @@ def _check_methods(spec: SweepSpec, source: str) -> None:
         for key in BUDGET_KEYS:
             if key in args:
                 axis = "epsilon" if key != "noise_multiplier" else "noise_multiplier"
-                raise SpecError(f"{source}: `methods.{name}.{key}`: the budget is set by the grid (grid.{axis}); "
-                                f"remove {key} from methods")  # fmt: skip
+                raise SpecError(
+                    f"{source}: `methods.{name}.{key}`: the budget is set by the grid (grid.{axis}); "
+                    f"remove {key} from methods"
+                )
     dp_names = [a for a in spec.algorithms if a != NODP]
     if not dp_names and (spec.epsilons or spec.noise_multipliers):
         axis = "epsilon" if spec.epsilons else "noise_multiplier"
@@ -174,12 +186,16 @@ def _check_methods(spec: SweepSpec, source: str) -> None:
         if algorithm not in ALGORITHMS:
             known = ", ".join([*sorted(ALGORITHMS), NODP])
             where = f"`methods.{name}.algorithm`" if name in spec.methods else "`grid.algorithm`"
-            raise SpecError(f"{source}: {where}: unknown algorithm `{algorithm}`{did_you_mean(str(algorithm), ALGORITHMS)}"
-                            f"; registered: {known} (or define `{name}` under methods: with an algorithm)")  # fmt: skip
+            raise SpecError(
+                f"{source}: {where}: unknown algorithm `{algorithm}`{did_you_mean(str(algorithm), ALGORITHMS)}"
+                f"; registered: {known} (or define `{name}` under methods: with an algorithm)"
+            )
     unused = [m for m in spec.methods if m not in spec.algorithms]
     if unused:
-        raise SpecError(f"{source}: `methods` defines {', '.join(unused)} but `grid.algorithm` does not list it: add "
-                        "it to grid.algorithm or remove it")  # fmt: skip
+        raise SpecError(
+            f"{source}: `methods` defines {', '.join(unused)} but `grid.algorithm` does not list it: add "
+            "it to grid.algorithm or remove it"
+        )
     if any(spec.methods.values()):
         from dplit.cli.errors import init_parameters
 
@@ -187,8 +203,10 @@ def _check_methods(spec: SweepSpec, source: str) -> None:
         for name, args in spec.methods.items():
             for key in args:
                 if params and key not in params:
-                    raise SpecError(f"{source}: `methods.{name}.{key}` is not a parameter of dplit.callbacks."
-                                    f"{DP_CLASS}{did_you_mean(key, params)}; valid: {', '.join(params)}")  # fmt: skip
+                    raise SpecError(
+                        f"{source}: `methods.{name}.{key}` is not a parameter of dplit.callbacks."
+                        f"{DP_CLASS}{did_you_mean(key, params)}; valid: {', '.join(params)}"
+                    )
 
 
 def load_spec(path: Path) -> SweepSpec:
