@@ -220,7 +220,8 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cells: list[Cell]) -> int:
             failed.append(cell)
             bar.write(
                 f"{cell.name}: FAILED (exit code {code}); log {spec.out / cell.name / LOG_NAME}:\n"
-                f"{_tail(spec.out / cell.name / LOG_NAME)}"
+                f"{_tail(spec.out / cell.name / LOG_NAME)}",
+                file=sys.stderr,
             )
         write_manifest(spec, cells, extra)
     bar.close()
