@@ -118,6 +118,12 @@ def test_sweep_report_aggregates_across_seeds(sweep, capsys):
         assert (report / png).stat().st_size > 5000 and (report / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_sweep_report_refuses_a_baseline(sweep, tmp_path, capsys):
+    out, _ = sweep
+    assert main(["report", str(out), "--baseline", str(tmp_path)]) == 2
+    assert "its `nodp` cells are the non-DP reference; drop --baseline" in capsys.readouterr().err
+
+
 def test_sweep_report_without_completed_cells_is_an_error(tmp_path, capsys):
     spec = SweepSpec(config=ROOT / "configs" / "quickstart.yaml", out=tmp_path / "sw", algorithms=["nodp"])
     write_manifest(spec, expand(spec))

@@ -176,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse printed usage and the message; --help exits 0
         return exc.code if isinstance(exc.code, int) else 2
-    from dplit.sweep.report import is_sweep, report_sweep
+    if len(args.runs) == 1 and (args.runs[0] / "sweep.json").is_file():  # a `dplit sweep` folder: its own report
+        from dplit.sweep.report import report_sweep
 
-    if len(args.runs) == 1 and is_sweep(args.runs[0]) and not args.baseline:  # `dplit sweep` output: its own report
-        return report_sweep(args.runs[0], args.out, args.split, args.title)
+        return report_sweep(args.runs[0], args.out, args.split, args.title, args.baseline)
     try:
         dp, baseline = _load(args.runs, "DP run"), _load(args.baseline, "baseline")
         _validate(dp, baseline)

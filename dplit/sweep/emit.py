@@ -47,7 +47,6 @@ def slurm_script(spec: SweepSpec, cells: list[Cell], python: str = sys.executabl
 #SBATCH --array=0-{len(cells) - 1}
 #SBATCH --output={out}/slurm/%x-%A_%a.out
 #SBATCH --chdir={os.getcwd()}
-#SBATCH --cpus-per-task=4
 
 set -euo pipefail
 # the python that emitted this script (edit to activate your environment on the compute nodes)

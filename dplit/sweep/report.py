@@ -45,6 +45,13 @@ def render(title: str, out: Path, settings: list[Setting], cells: list[CellRun],
     )
     if ref is None:
         lines += ["", "No completed `nodp` cell: there is no non-DP reference (add `nodp` to grid.algorithm)."]
+    if any(s.noise_multiplier is not None for s in settings):
+        lines += [
+            "",
+            "The grid fixes the noise multiplier: epsilon is what each method reached, and methods that "
+            "spend budget on extra statistics reach a higher epsilon at the same noise. To compare at equal "
+            "epsilon, sweep `grid.epsilon` instead.",
+        ]
     lines += ["", "## Overall and worst-group accuracy", ""]
     lines.append(
         "| method | target ε | σ | reached ε | n | overall acc | worst-group acc | Δ overall vs non-DP (pp) "
@@ -84,8 +91,17 @@ def render(title: str, out: Path, settings: list[Setting], cells: list[CellRun],
     return "\n".join(lines) + "\n"
 
 
-def report_sweep(sweep: Path, dest: Path | None, split: str = "auto", title: str | None = None) -> int:
+def report_sweep(
+    sweep: Path, dest: Path | None, split: str = "auto", title: str | None = None, baseline: list[Path] | None = None
+) -> int:
     """Writes the sweep report of ``sweep`` into ``dest`` (default ``sweep/report``); returns the exit code."""
+    if baseline:
+        print(
+            f"{PROG}: error: {sweep} is a sweep: its `nodp` cells are the non-DP reference; drop --baseline (to "
+            "compare with non-DP runs, add nodp to the sweep's grid.algorithm and rerun `dplit sweep`)",
+            file=sys.stderr,
+        )
+        return 2
     manifest = read_manifest(sweep)
     entries = manifest.get("cells")
     if not isinstance(entries, list) or not entries:

@@ -197,7 +197,8 @@ def _tail(path: Path, lines: int = 6) -> str:
 
 
 def run_sweep(spec: SweepSpec, base: dict[str, Any], cells: list[Cell]) -> int:
-    """Runs every cell without a completed fit, in order, under a progress bar; returns 0, or 1 if any failed."""
+    """Runs every cell without a completed fit, in order, under a progress bar; returns 0, 1 if any failed, 130 if
+    interrupted (Ctrl-C: the running cell is stopped; rerunning resumes)."""
     from tqdm import tqdm
 
     todo = [c for c in cells if completed_run(spec.out / c.name) is None]
@@ -206,24 +207,26 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cells: list[Cell]) -> int:
     extra: dict[str, dict[str, Any]] = {}
     write_manifest(spec, cells)
     failed: list[Cell] = []
-    bar = tqdm(todo, desc="sweep", unit="cell", initial=0, total=len(todo), dynamic_ncols=True, file=sys.stderr)
-    for cell in bar:
-        bar.set_postfix_str(cell.name)
-        code, seconds = run_cell_subprocess(spec, base, cell)
-        extra[cell.name] = {"returncode": code, "seconds": round(seconds, 1)}
-        status = cell_status(spec, cell)
-        if code == 0 and status["status"] == "completed":
-            acc = read_summary(Path(status["run"])).get("acc")
-            shown = f", {read_summary(Path(status['run'])).get('split', 'val')} acc {100 * acc:.1f}%" if acc else ""
-            bar.write(f"{cell.name}: completed in {seconds:.0f} s{shown}")
-        else:
-            failed.append(cell)
-            bar.write(
-                f"{cell.name}: FAILED (exit code {code}); log {spec.out / cell.name / LOG_NAME}:\n"
-                f"{_tail(spec.out / cell.name / LOG_NAME)}",
-                file=sys.stderr,
-            )
+    bar = tqdm(todo, desc="sweep", unit="cell", total=len(todo), dynamic_ncols=True, file=sys.stderr)
+    try:
+        for cell in bar:
+            bar.set_postfix_str(cell.name)
+            code, seconds = run_cell_subprocess(spec, base, cell)
+            extra[cell.name] = {"returncode": code, "seconds": round(seconds, 1)}
+            if code == 0 and cell_status(spec, cell)["status"] == "completed":
+                bar.write(f"{cell.name}: completed in {seconds:.0f} s{_result(spec, cell)}")
+            else:
+                failed.append(cell)
+                log = spec.out / cell.name / LOG_NAME
+                bar.write(f"{cell.name}: FAILED (exit code {code}); log {log}:\n{_tail(log)}", file=sys.stderr)
+            write_manifest(spec, cells, extra)
+    except KeyboardInterrupt:
+        bar.close()
         write_manifest(spec, cells, extra)
+        print(
+            "dplit sweep: interrupted; rerun the same command to resume (finished cells are skipped)", file=sys.stderr
+        )
+        return 130
     bar.close()
     manifest = write_manifest(spec, cells, extra)
     if failed:
@@ -235,6 +238,19 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cells: list[Cell]) -> int:
         return 1
     print(f"dplit sweep: all {len(cells)} cells completed; manifest {manifest}; next: dplit report {spec.out}")
     return 0
+
+
+def _result(spec: SweepSpec, cell: Cell) -> str:
+    """``, val acc 91.2%, epsilon 2.99`` from the cell's summary.json."""
+    run = completed_run(spec.out / cell.name)
+    summary = read_summary(run) if run is not None else {}
+    parts = []
+    if summary.get("acc") is not None:
+        parts.append(f"{summary.get('split', 'val')} acc {100 * float(summary['acc']):.1f}%")
+    epsilon = (summary.get("privacy") or {}).get("epsilon")
+    if epsilon is not None:
+        parts.append(f"epsilon {float(epsilon):.3g}")
+    return "".join(f", {p}" for p in parts)
 
 
 __all__ = [
