@@ -78,8 +78,9 @@ def accuracy_vs_epsilon(settings: list[Setting], path: Path, split: str) -> Path
         for m, method in enumerate(methods):
             points = sorted((s for s in dp if s.method == method), key=lambda s: float(s.x or 0))
             est = [value(s, key) for s in points]
+            dodge = 1 + 0.04 * (m - (len(methods) - 1) / 2)  # side by side at equal epsilon (log axis)
             ax.errorbar(
-                [s.x for s in points],
+                [float(s.x or 0) * dodge for s in points],
                 [_pct(e) for e in est],
                 yerr=[_half(e) for e in est],
                 marker=MARKERS[m % len(MARKERS)],
