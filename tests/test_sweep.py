@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,19 @@ def test_failed_cell_does_not_stop_the_sweep_and_is_retried(tmp_path, monkeypatc
     assert "2 done (skipped), 1 to run" in capsys.readouterr().out
 
 
+def test_a_cell_being_trained_is_running_not_failed(tmp_path):
+    folder = tmp_path / "sw" / "dpsgd-eps1-seed0"
+    with sweep_run.running(folder):
+        (folder / sweep_run.LOG_NAME).write_text("training\n")
+        assert sweep_run.folder_status(folder)["status"] == "running"
+    assert sweep_run.folder_status(folder)["status"] == "failed"  # the attempt ended without a completed run
+    marker = {"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "x"}  # above Linux's pid_max
+    (folder / sweep_run.RUNNING).write_text(json.dumps(marker))
+    assert sweep_run.folder_status(folder)["status"] == "failed"  # a marker left by a killed sweep: not running
+    (folder / sweep_run.RUNNING).write_text(json.dumps(marker | {"host": "another-node"}))
+    assert sweep_run.folder_status(folder)["status"] == "running"  # a cluster task elsewhere: cannot tell
+
+
 def test_emitted_wandb_sweep_runs_the_named_cell(tmp_path, capsys):
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
@@ -236,6 +250,9 @@ def test_real_sweep_slurm_cell_resume_and_report(tmp_path, capsys):
     assert main(["sweep", "--spec", str(out / "sweep.yaml")]) == 0
     assert "2 done (skipped), 0 to run" in capsys.readouterr().out
     assert sorted(str(p) for p in out.glob("*/version_*")) == before == [str(dp / "version_0"), str(nodp / "version_0")]
+    assert main(argv[3:]) == 0  # a resubmitted array task skips its finished cell
+    assert "cell 0 nodp-seed0 already completed" in capsys.readouterr().out
+    assert sorted(str(p) for p in out.glob("*/version_*")) == before
 
     assert main(["report", str(out), "--no-wandb"]) == 0
     report = out / "report"
