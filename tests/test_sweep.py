@@ -76,6 +76,7 @@ def test_flags_give_the_same_cells_as_the_spec_file(tmp_path, capsys):
         ({"methods": {"dpsgd": {"target_epsilon": 2}}}, ["budget is set by the grid"]),
         ({"methods": {"clip01": {"algorithm": "dpsgd"}}}, ["defines clip01 but `grid.algorithm` does not list it"]),
         ({"outt": "x"}, ["unknown field `outt`", "`out`"]),
+        ({"grid": {"algorithm": ["../dpsgd"]}}, ["name '../dpsgd' names the cells' folders"]),
     ],
 )  # fmt: skip
 def test_spec_mistakes_name_the_field_and_the_fix(tmp_path, capsys, change, expected):

@@ -22,6 +22,7 @@ the fix (``SpecError``).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,11 @@ def from_dict(data: Any, source: str = "the sweep spec") -> SweepSpec:
         raise SpecError(f"{source}: `grid.algorithm` must be a non-empty list of names; got {grid['algorithm']!r}")
     if len(set(algorithms)) != len(algorithms):
         raise SpecError(f"{source}: `grid.algorithm` lists a name twice ({algorithms})")
+    for name in algorithms:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise SpecError(
+                f"{source}: `grid.algorithm` name {name!r} names the cells' folders: use letters, digits, _ . -"
+            )
     methods = data.get("methods") or {}
     if not isinstance(methods, dict) or not all(isinstance(v or {}, dict) for v in methods.values()):
         raise SpecError(
