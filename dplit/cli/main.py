@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dplit.report.cli:main",
         "Disparate-impact report: per-group privacy cost of DP runs vs their non-DP twin (PNG + markdown).",
     ),
+    "sweep": (
+        "dplit.sweep.cli:main",
+        "Grid of epsilons x seeds x DP algorithms (+ the non-DP twin), one run per cell; resumable; SLURM/W&B jobs.",
+    ),
     "audit": (
         "dplit.audit.cli:main",
         "Empirical privacy audit in one training run: a lower bound on epsilon from mislabelled canaries.",

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--baseline", nargs="+", type=Path, default=[], metavar="NONDP_RUN_DIR", help="non-DP twin run(s) (seeds)"
     )
-    parser.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report/)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: report/; for a sweep folder: SWEEP/report/)"
+    )
     parser.add_argument(
         "--split",
         choices=["val", "test", "auto"],
@@ -174,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse printed usage and the message; --help exits 0
         return exc.code if isinstance(exc.code, int) else 2
+    if len(args.runs) == 1 and (args.runs[0] / "sweep.json").is_file():  # a `dplit sweep` folder: its own report
+        from dplit.sweep.report import report_sweep
+
+        return report_sweep(args.runs[0], args.out, args.split, args.title, args.baseline)
     try:
         dp, baseline = _load(args.runs, "DP run"), _load(args.baseline, "baseline")
         _validate(dp, baseline)
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     summaries = _summaries(dp, baseline, split)
-    out: Path = args.out
+    out: Path = args.out or Path("report")
     out.mkdir(parents=True, exist_ok=True)
     pngs = _plots(summaries, out, split, bool(baseline))
     data = dp[0].data_class
