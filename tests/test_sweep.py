@@ -62,7 +62,10 @@ def test_flags_give_the_same_cells_as_the_spec_file(tmp_path, capsys):
     ("change", "expected"),
     [
         ({"grid": {"algorithm": ["dpsgd"], "epsilons": [1]}}, ["unknown grid axis `epsilons`", "`epsilon`"]),
-        ({"grid": {"algorithm": ["dpsgdd", "nodp"]}}, ["unknown algorithm `dpsgdd`", "registered: dpsgd", "nodp"]),
+        (
+            {"grid": {"algorithm": ["dpsgdd", "nodp"]}},
+            ["unknown algorithm `dpsgdd`", "registered: adaptive_clipping, automatic_clipping, dpsgd, dpsgd_f", "nodp"],
+        ),
         ({"grid": {"algorithm": ["dpsgd"], "epsilon": []}}, ["`grid.epsilon` is empty"]),
         ({"grid": {"algorithm": []}}, ["`grid.algorithm` must be a non-empty list"]),
         ({"grid": {"algorithm": ["dpsgd"], "epsilon": [1], "noise_multiplier": [1.0]}}, ["both `epsilon` and"]),

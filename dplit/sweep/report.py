@@ -48,9 +48,11 @@ def render(title: str, out: Path, settings: list[Setting], cells: list[CellRun],
     if any(s.noise_multiplier is not None for s in settings):
         lines += [
             "",
-            "The grid fixes the noise multiplier: epsilon is what each method reached, and methods that "
-            "spend budget on extra statistics reach a higher epsilon at the same noise. To compare at equal "
-            "epsilon, sweep `grid.epsilon` instead.",
+            "The grid fixes the noise multiplier: epsilon is what each method reached (see `reached ε`). dplit's "
+            "registered algorithms spend the same budget at the same noise multiplier (the mitigations' noisy "
+            "statistics share the step's Gaussian mechanism), so they meet at equal epsilon when their runs take "
+            "the same steps; a method that changes the sampling rate or the length does not. `grid.epsilon` "
+            "calibrates each cell to the same target instead.",
         ]
     lines += ["", "## Overall and worst-group accuracy", ""]
     lines.append(
