@@ -11,8 +11,19 @@ from dplit.callbacks import DifferentialPrivacy
 
 if __name__ == "__main__":
     out, sigma, steps = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    mode = sys.argv[4] if len(sys.argv) > 4 else "hooks"
+    algorithm = sys.argv[5] if len(sys.argv) > 5 else "dpsgd"
+    extra = {"count_noise": 1e-6} if algorithm == "dpsgd_f" else {}
     probe = Probe()
-    dp = DifferentialPrivacy(noise_multiplier=sigma, max_grad_norm=1.0, delta=1e-3, insecure_testing_seed=11)
+    dp = DifferentialPrivacy(
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+        delta=1e-3,
+        insecure_testing_seed=11,
+        grad_sample_mode=mode,
+        algorithm=algorithm,
+        **extra,
+    )
     ckpt = ModelCheckpoint(dirpath=f"{out}.ckpt", save_last=True)
     trainer = ddp_trainer([dp, probe, ckpt], max_steps=steps)
     task = tiny_task(lr=1.0, hidden=256)
@@ -24,6 +35,7 @@ if __name__ == "__main__":
             "accountant_steps": dp.accountant.steps,
             "sample_rate": dp.plan.sample_rate,
             "batch_size": dp.plan.batch_size,
+            "algorithm_state": dp.algorithm.state_dict(),
         },
         f"{out}.rank{trainer.global_rank}.pt",
     )

@@ -12,9 +12,9 @@ from test_privacy_callback import clipped_sum, per_example_grads, rdp_epsilon
 from dplit.callbacks import DifferentialPrivacy
 
 
-def _run(tmp_path, sigma: float, steps: int) -> list[dict]:
+def _run(tmp_path, sigma: float, steps: int, mode: str = "hooks", algorithm: str = "dpsgd") -> list[dict]:
     out = tmp_path / "ddp"
-    run_ddp_job("ddp_dp_job.py", [str(out), str(sigma), str(steps)], tmp_path)
+    run_ddp_job("ddp_dp_job.py", [str(out), str(sigma), str(steps), mode, algorithm], tmp_path)
     return [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -98,3 +98,38 @@ def test_ddp_spawn_trains_privately(tmp_path):
     t.fit(tiny_task(lr=1.0, hidden=256), datamodule=TinyData(n=400, batch_size=40))
     assert t.callback_metrics["privacy/steps"].item() == 3
     assert t.callback_metrics["privacy/epsilon"].item() == pytest.approx(rdp_epsilon(0.1, 2.0, 3, 1e-3), rel=0.01)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("mode", ["ghost", "bookkeeping"])
+def test_fast_clipping_modes_under_ddp_clip_before_the_all_reduce_and_noise_once(mode, tmp_path):
+    """Ghost and book-keeping clipping under 2-rank DDP: the noise-free update is the single-process clipped mean
+    of the union batch (DDP's own all-reduce of raw gradients is off), and with noise the update's noise std is
+    sigma*C/B (added once across ranks, not sqrt(2) times)."""
+    _check_steps(_run(tmp_path, 1e-9, 3, mode), 1e-9)
+    ranks = _run(tmp_path, 2.0, 3, mode)
+    _check_steps(ranks, 2.0)
+    assert ranks[0]["epsilon"] == pytest.approx(rdp_epsilon(0.1, 2.0, 3, 1e-3), rel=0.01)
+
+
+@pytest.mark.ddp
+def test_dpsgd_f_under_ddp_counts_the_union_batch_and_every_rank_applies_the_same_bounds(tmp_path):
+    ranks = _run(tmp_path, 1e-9, 3, "hooks", "dpsgd_f")
+    b = ranks[0]["batch_size"]
+    task = tiny_task(lr=1.0, hidden=256)
+    bounds = torch.full((2,), 2.0, dtype=torch.float64)  # first step: no estimate, C_k = 2 C0
+    for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True):
+        torch.testing.assert_close(s0["after"], s1["after"])
+        grads = torch.cat([per_example_grads(task, s0["before"], s["batch"]) for s in (s0, s1)]).double()
+        groups = torch.cat([s["batch"][2] for s in (s0, s1)])
+        norms = grads.norm(dim=1)
+        clipped = (grads * (bounds[groups] / norms).clamp(max=1.0)[:, None]).sum(0)
+        torch.testing.assert_close((s0["before"] - s0["after"]).double(), clipped / b, rtol=1e-4, atol=1e-7)
+        over = norms > 1.0  # the union's counts (both ranks' shards) set the next step's bounds
+        m = torch.stack([(over & (groups == k)).sum() for k in (0, 1)]).double()
+        o = torch.stack([(~over & (groups == k)).sum() for k in (0, 1)]).double()
+        frac = torch.where(m + o > 0, m / (m + o), torch.ones(2, dtype=torch.float64))
+        bounds = 1 + frac / (frac.mean() + 1e-8)
+    for r in ranks:
+        state = torch.tensor(r["algorithm_state"]["bounds"], dtype=torch.float64)
+        torch.testing.assert_close(state, bounds, atol=1e-4, rtol=0)

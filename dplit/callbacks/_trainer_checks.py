@@ -45,8 +45,8 @@ def check_trainer(trainer: L.Trainer, pl_module: L.LightningModule, config: Priv
         )
     if trainer.world_size > 1 and not BACKENDS[config.grad_sample_mode].ddp_verified:
         raise PrivacyConfigError(
-            f"`grad_sample_mode: {config.grad_sample_mode}` is not verified under DDP (DDP all-reduces the "
-            "gradients before they are clipped). Use `grad_sample_mode: hooks` for multi-device runs."
+            f"`grad_sample_mode: {config.grad_sample_mode}` is not verified under DDP. Use `grad_sample_mode: "
+            "hooks`, `ghost` or `bookkeeping` for multi-device runs."
         )
     if trainer.world_size > 1 and config.max_physical_batch_size is not None:
         raise PrivacyConfigError(

@@ -204,6 +204,8 @@ class DifferentialPrivacy(Callback):
             generator=noise_rng,
         )
         trainer.optimizers = [self.optimizer]  # schedulers keep working: DP optimizers share param_groups
+        if trainer.world_size > 1:
+            engine.local_gradients(trainer.strategy.model)  # the DP optimizer all-reduces the clipped sums
         self.backend.install_loss(pl_module, self.optimizer)
 
         def make_private(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
@@ -298,6 +300,8 @@ class DifferentialPrivacy(Callback):
     ) -> None:
         check_accumulation(trainer)  # whatever set it (a scheduler, a callback) after setup()
         assert self.controller is not None
+        if trainer.world_size > 1:
+            engine.local_gradients(trainer.strategy.model)  # again: nothing may have turned DDP's sync back on
         self.controller.begin_batch(self._trace.pop(), batch)
         assert self.backend is not None
         self.backend.begin_batch()

@@ -118,8 +118,8 @@ def build_algorithm(
 ) -> DPAlgorithm:
     """The configured algorithm (a ``PrivacyConfig``'s ``algorithm`` and hyper-parameters) for one fit.
 
-    Refuses setups it cannot serve correctly: a per-group rule without group names, and any algorithm other than
-    DP-SGD under DDP (their statistics are not all-reduced yet).
+    Refuses a per-group rule without group names. ``world_size`` is kept for algorithms that cannot run under DDP
+    (every registered one can: noisy statistics are summed across ranks and noised once, see ``mitigations``).
     """
     from dplit.privacy.config import PrivacyConfigError
 
@@ -128,11 +128,6 @@ def build_algorithm(
         raise PrivacyConfigError(
             f"`algorithm: {config.algorithm}` clips each example by its group's bound, but the DataModule declares no "
             "`group_names`: use a dplit GroupedDataModule (batches (x, y, group)) or another algorithm."
-        )
-    if world_size > 1 and config.algorithm != "dpsgd":
-        raise PrivacyConfigError(
-            f"`algorithm: {config.algorithm}` does not run under DDP yet (its noisy statistics would be counted on "
-            "each rank separately); train it on one device, or use `algorithm: dpsgd` with several devices."
         )
     algorithm = make_algorithm(
         config.algorithm,

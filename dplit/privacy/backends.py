@@ -185,6 +185,7 @@ class Ghost(PerSampleBackend):
 
     name = "ghost"
     optimizer_family = "ghost"
+    ddp_verified = True  # the second backward's clipped sum is all-reduced by the DP optimizer
 
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         super().__init__(module, config)
@@ -274,6 +275,7 @@ class BookKeepingBackend(PerSampleBackend):
 
     name = "bookkeeping"
     optimizer_family = "ghost"
+    ddp_verified = True  # clipped sums written locally, all-reduced by the DP optimizer
 
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         super().__init__(module, config)

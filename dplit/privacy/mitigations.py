@@ -17,7 +17,8 @@ current batch, which does not work with virtual steps). Each statistic's L2 sens
 unit: 1 for DPSGD-F's count vector (a unit is counted once, as clipped or unclipped in its group), 1/2 for the
 centred counts ``sum_i (1[||g_i|| <= T] - 1/2)`` of the two quantile rules (Andrew et al.). The noise of the
 statistics is part of the step's joint Gaussian mechanism (``split_noise``), so every algorithm spends exactly
-DP-SGD's events at the same ``noise_multiplier``. Distributed (DDP) runs of these algorithms are refused for now.
+DP-SGD's events at the same ``noise_multiplier``. Under DDP each rank counts its shard; the counts are summed across
+ranks, rank 0 adds the noise once, and the noisy counts are broadcast so that every rank applies the same rule.
 """
 
 from __future__ import annotations
@@ -87,10 +88,17 @@ class CountingAlgorithm(DPAlgorithm):
         self._pending.zero_()
 
     def on_release(self) -> dict[str, float]:
-        noise = _generate_noise(
-            std=self.count_noise, reference=self._pending, generator=self.generator, secure_mode=self.secure_mode
-        )
-        noisy = self._pending + noise.to(self._pending.dtype)
+        counts, world = self._pending, _world()
+        if world is not None:  # DDP: the logical batch is the union of the ranks' shards
+            counts = _all_reduce(counts, world)
+        noisy = counts
+        if world is None or world.get_rank() == 0:  # the noise once, on rank 0, then the same value everywhere
+            noise = _generate_noise(
+                std=self.count_noise, reference=counts, generator=self.generator, secure_mode=self.secure_mode
+            )
+            noisy = counts + noise.to(counts.dtype)
+        if world is not None:
+            noisy = _broadcast(noisy, world)
         self._pending = torch.zeros_like(self._pending)
         self.last_release = noisy
         return self.update(noisy)
@@ -286,6 +294,30 @@ class AutomaticClipping(DPAlgorithm):
 
     def clip_factors(self, norms: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
         return self.max_grad_norm / (norms + self.stability)
+
+
+def _world() -> Any:
+    """``torch.distributed`` when a process group of several ranks is running (DDP), else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def _comm_device(dist: Any) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _all_reduce(counts: torch.Tensor, dist: Any) -> torch.Tensor:
+    total = counts.to(_comm_device(dist)).clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.cpu()
+
+
+def _broadcast(values: torch.Tensor, dist: Any) -> torch.Tensor:
+    shared = values.to(_comm_device(dist)).clone()
+    dist.broadcast(shared, src=0)
+    return shared.cpu()
 
 
 def _quantile(value: float) -> float:
