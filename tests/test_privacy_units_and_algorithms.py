@@ -61,7 +61,7 @@ class ViewsTask(L.LightningModule):
 
 
 def unit_grads(task: ViewsTask, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Independent reference: per unit, the sum over its K rows of each row's own loss gradient. [B, P]."""
+    """Independent reference: per unit, the mean over its K rows of each row's own loss gradient. [B, P]."""
     net = ViewsTask().net
     nn.utils.vector_to_parameters(nn.utils.parameters_to_vector(params), net.parameters())
     out = []
@@ -70,7 +70,7 @@ def unit_grads(task: ViewsTask, params: list[torch.Tensor], x: torch.Tensor, y: 
         for k in range(x.shape[1]):
             loss = nn.functional.mse_loss(net(x[i, k : k + 1]).squeeze(-1), y[i : i + 1].float())
             rows.append(torch.autograd.grad(loss, list(net.parameters())))
-        out.append(sum(torch.cat([g.reshape(-1) for g in row]) for row in rows))
+        out.append(sum(torch.cat([g.reshape(-1) for g in row]) for row in rows) / len(rows))
     return torch.stack(out)
 
 
@@ -97,6 +97,22 @@ def test_a_units_rows_are_combined_before_clipping(mode):
     expected = (grads * (C / norms).clamp(max=1.0)[:, None]).sum(0)
     torch.testing.assert_close(update * 4, expected, rtol=1e-5, atol=1e-6)
     assert dp.accountant.steps == 1
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_units_are_items_also_with_several_group_attributes(mode):
+    """group [B, A] (several attributes): the units are still the B items, not the B*K rows (before the fix, one
+    item's 3 views moved the model by 2.90 C)."""
+    task, data = ViewsTask(), ViewsData([1e4, 1e4])
+    data.group = torch.stack([torch.arange(2) % 2, torch.tensor([1, 0])], dim=1)  # [2 items, 2 attributes]
+    before = [p.detach().clone() for p in task.net.parameters()]
+    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=C, grad_sample_mode=mode)
+    trainer("/tmp", [dp], max_steps=1, enable_checkpointing=False).fit(task, datamodule=data)
+    update = torch.cat([(b - a.detach()).reshape(-1) for b, a in zip(before, task.net.parameters(), strict=True)])
+    (x, y), = task.seen  # fmt: skip
+    grads = unit_grads(task, before, x, y)
+    expected = (grads * (C / grads.norm(dim=1))[:, None]).sum(0) / 2  # two units, each clipped to C, q = 1
+    torch.testing.assert_close(update, expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(("mode", "error"), [("ghost", GhostLossError), ("bookkeeping", RuntimeError)])

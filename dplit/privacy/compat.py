@@ -28,7 +28,8 @@ def replace_batchnorm(module: nn.Module, max_groups: int = 32) -> list[str]:
 
     The number of groups is the largest divisor of the channel count that is <= ``max_groups`` (Opacus' fixer
     uses gcd(32, C), which degrades to 1 group for odd channel counts; the largest divisor is the same for
-    powers of two and better otherwise). Affine parameters are re-initialised.
+    powers of two and better otherwise). Affine parameters are re-initialised. A layer that also applies an
+    activation (timm's ``BatchNormAct2d``) becomes ``Sequential(GroupNorm, [dropout,] activation)``.
 
     Returns:
         The names of the replaced layers.
@@ -43,9 +44,13 @@ def replace_batchnorm(module: nn.Module, max_groups: int = 32) -> list[str]:
         if child.weight is not None:
             new.to(device=child.weight.device, dtype=child.weight.dtype)
             new.requires_grad_(child.weight.requires_grad)
+        # timm's BatchNormAct2d (a BatchNorm2d subclass) applies its dropout and activation inside: keep them
+        extras = [getattr(child, a) for a in ("drop", "act") if isinstance(getattr(child, a, None), nn.Module)]
+        extras = [m for m in extras if not isinstance(m, nn.Identity)]
+        replacement: nn.Module = nn.Sequential(new, *extras) if extras else new
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, new)
+        setattr(parent, attr, replacement)
         replaced.append(name)
     if isinstance(module, _BATCHNORM):
         raise IncompatibleModelError("The model itself is a BatchNorm layer; wrap it in a container to replace it.")
@@ -65,7 +70,9 @@ def check_model(module: nn.Module, grad_sample_mode: str = "hooks") -> None:
         problems.append(
             f"'{name}' is a BatchNorm layer, which mixes the examples of a batch (a privacy leak). Fix: set "
             "`replace_batchnorm: true` on dplit.callbacks.DifferentialPrivacy (swaps in GroupNorm, see "
-            "dplit.privacy.compat.replace_batchnorm), or use a model with GroupNorm/LayerNorm."
+            "dplit.privacy.compat.replace_batchnorm), or freeze it for the whole run as a layer with no training mode "
+            "(`dplit.models.TimmBackbone(batchnorm: frozen)`, timm's `freeze_batch_norm_2d`), or use a model with "
+            "GroupNorm/LayerNorm."
         )
     was_training = module.training
     module.train()

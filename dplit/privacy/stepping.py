@@ -249,7 +249,9 @@ def controlled_optimizer_class(base: type) -> type:
             return True
 
         def clip_and_accumulate(self) -> None:
-            """Per-unit norms (a unit's K rows summed first), the algorithm's checked factors, their weighted sum."""
+            """Per-unit norms (a unit's K rows averaged first, as De et al. 2022 average augmentation views), the
+            algorithm's checked factors, their weighted sum. With the task's loss a mean over all rows, the non-DP
+            gradient is the mean over units of these per-unit means, so DP and non-DP updates share one scale."""
             if isinstance(self, DPPerLayerOptimizer | SimpleDistributedPerLayerOptimizer):
                 return super().clip_and_accumulate()  # per-layer clipping: Opacus' own (DP-SGD, one row a unit)
             controller = self.dplit_controller
@@ -257,8 +259,8 @@ def controlled_optimizer_class(base: type) -> type:
             grads = self.grad_samples  # each [rows, *param.shape]
             rows = len(grads[0])
             k = controller.rows_per_unit(rows)
-            if k > 1:
-                grads = [g.reshape(rows // k, k, *g.shape[1:]).sum(1) for g in grads]
+            if k > 1:  # a unit's gradient: the mean of its K rows' (each row's own loss gradient), then clipped
+                grads = [g.reshape(rows // k, k, *g.shape[1:]).mean(1) for g in grads]
             if rows:
                 norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
             else:
