@@ -3,11 +3,13 @@
 from dplit.data.base import GroupedDataModule, GroupedTensorDataset, eval_dataloader
 from dplit.data.mnist import ImbalancedMNISTDataModule
 from dplit.data.tweets import TweetsDataModule
+from dplit.data.utkface import UTKFaceDataModule
 
 __all__ = [
     "GroupedDataModule",
     "GroupedTensorDataset",
     "ImbalancedMNISTDataModule",
     "TweetsDataModule",
+    "UTKFaceDataModule",
     "eval_dataloader",
 ]

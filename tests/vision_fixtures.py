@@ -1,0 +1,109 @@
+"""Tiny vision datasets in their real formats: UTKFace file names, CIFAR pickles, ImageFolder JPEGs."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+UTK_AGES = (1, 25, 45, 70)  # one face a cell in each default age band (0-19, 20-39, 40-59, 60+)
+UTK_BAD = ("39_1_20170116174525125.jpg.chip.jpg", "x_0_0_20170116174525125.jpg", "30_7_1_20170116174525125.jpg")
+
+
+def _jpeg(path: Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+
+
+def write_utkface(folder: Path, per_cell: int = 2, size: int = 12, official: bool = False) -> Path:
+    """Faces named ``<age>_<gender>_<race>_<datetime>.jpg`` (``.jpg.chip.jpg`` when ``official``), ``per_cell`` per
+    race x gender x age band, plus the malformed names of :data:`UTK_BAD` (no race field, a letter, gender 7).
+
+    Pixels are noise with a brightness that follows gender, so a model can learn something.
+    """
+    rng = np.random.default_rng(0)
+    suffix = ".jpg.chip.jpg" if official else ".jpg"
+    stamp = 20170116000000000
+    for race in range(5):
+        for gender in range(2):
+            for age in UTK_AGES:
+                for _ in range(per_cell):
+                    stamp += 1
+                    pixels = rng.integers(0, 128, (size, size, 3)) + 100 * gender
+                    _jpeg(folder / f"{age}_{gender}_{race}_{stamp}{suffix}", pixels.astype(np.uint8))
+    for name in UTK_BAD:
+        _jpeg(folder / name, np.zeros((size, size, 3), np.uint8))
+    (folder / "README.txt").write_text("not an image\n")
+    return folder
+
+
+def write_cifar_pickles(root: Path, dataset: str, per_class_train: int, per_class_test: int) -> Path:
+    """``cifar-10-batches-py`` (5 data batches, test batch, ``batches.meta``) or ``cifar-100-python`` (train, test,
+    meta with fine and coarse names), pickled as the official releases (latin1-readable, ``data`` uint8 [N, 3072])."""
+    rng = np.random.default_rng(1)
+    classes = 10 if dataset == "cifar10" else 100
+
+    def records(per_class: int) -> tuple[np.ndarray, list[int]]:
+        labels = [c for c in range(classes) for _ in range(per_class)]
+        order = rng.permutation(len(labels))
+        labels = [labels[i] for i in order]
+        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        data[:, :1024] = np.asarray(labels, dtype=np.uint8)[:, None] * (250 // classes)  # red plane codes the class
+        return data, labels
+
+    def dump(path: Path, obj: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            pickle.dump(obj, f, protocol=2)
+
+    if dataset == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        data, labels = records(per_class_train)
+        for i, part in enumerate(np.array_split(np.arange(len(labels)), 5), start=1):
+            dump(folder / f"data_batch_{i}", {b"batch_label": b"training batch", b"labels": [labels[j] for j in part],
+                                              b"data": data[part], b"filenames": [b"x.png"] * len(part)})  # fmt: skip
+        data, labels = records(per_class_test)
+        dump(folder / "test_batch", {b"batch_label": b"testing batch", b"labels": labels, b"data": data})
+        dump(folder / "batches.meta", {b"label_names": [f"class{c}".encode() for c in range(10)], b"num_vis": 3072})
+    else:
+        folder = root / "cifar-100-python"
+        for name, per_class in (("train", per_class_train), ("test", per_class_test)):
+            data, labels = records(per_class)
+            dump(folder / name, {b"fine_labels": labels, b"coarse_labels": [c // 5 for c in labels], b"data": data})
+        dump(folder / "meta", {b"fine_label_names": [f"fine{c}".encode() for c in range(100)],
+                               b"coarse_label_names": [f"coarse{c}".encode() for c in range(20)]})  # fmt: skip
+    return root
+
+
+def write_cifar_imagefolder(root: Path, per_class_train: int, per_class_test: int, classes: int = 10) -> Path:
+    """``{train,test}/<class>/NNNN.jpg`` 32x32 JPEGs, as the CIFAR-10 (JPEG) copy."""
+    rng = np.random.default_rng(2)
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        for c in range(classes):
+            for i in range(per_class):
+                pixels = rng.integers(0, 100, (32, 32, 3)) + 15 * c
+                _jpeg(root / split / f"class{c}" / f"{i:04d}.jpg", pixels.astype(np.uint8))
+    return root
+
+
+def vision_data_args(text: str, request) -> list[str] | None:
+    """Command-line overrides that point a vision config at a tiny fixture (None: not a vision config).
+
+    Images shrink to 16-20 pixels, the config's under-represented group is cut to 5 faces to fit the fixture, epochs
+    to 3 steps (so validation runs), and a timm backbone becomes timm's tiny ``test_efficientnet`` without weights
+    (its BatchNorm treatment and trainable layers stay the config's; the real weights are tested in
+    test_vision_models.py: a real EfficientNet-Lite0 takes 10-20 s for 3 steps here).
+    """
+    args = ["--trainer.limit_train_batches=3"]
+    if "dplit.models.TimmBackbone" in text:
+        args += ["--model.init_args.backbone.init_args.name=test_efficientnet",
+                 "--model.init_args.backbone.init_args.weights=null"]  # fmt: skip
+    if "dplit.data.UTKFaceDataModule" in text:
+        args += [f"--data.init_args.root={request.getfixturevalue('utkface_root')}", "--data.init_args.resize=20",
+                 "--data.init_args.crop=16", "--data.init_args.batch_size=16",
+                 "--data.init_args.eval_batch_size=16"]  # fmt: skip
+        return args + (["--data.init_args.underrepresented={Black: 5}"] if "underrepresented:" in text else [])
+    return None
