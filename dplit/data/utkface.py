@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dplit.data.base import GroupedDataModule, check_at_least
-from dplit.data.vision import GroupedImageDataset, cut_groups, image_transforms, seeded_split
+from dplit.data.vision import GroupedImageDataset, Normalization, cut_groups, image_transforms, seeded_split
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def age_band_names(edges: list[int]) -> list[str]:
 class UTKFaceDataModule(GroupedDataModule):
     """UTKFace for gender or age-band classification, with race, gender and age-band groups.
 
-    Batches are ``(x, y, group)``: ``x`` float32 [B, 3, crop, crop] normalised with ImageNet statistics; ``y`` the
+    Batches are ``(x, y, group)``: ``x`` float32 [B, 3, crop, crop] normalised (``normalization``); ``y`` the
     gender (``task: gender``, 2 classes) or the age band (``task: age``, one class per band); ``group`` int64
     [B, 3] with columns race (primary), gender, age band. Per-group metrics of the intersections age x gender x
     race: ``SubgroupMetrics(intersections: true)``.
@@ -124,6 +124,8 @@ class UTKFaceDataModule(GroupedDataModule):
         resize: Side the faces are resized to before cropping (the paper: 80).
         crop: Side of the crop fed to the model (the paper: 64; random in training, centre in evaluation).
         augment: Random crop and horizontal flip in training (else the centre crop).
+        normalization: Input statistics the backbone expects: ``imagenet`` or ``inception`` (0.5/0.5; TF-ported
+            models such as EfficientNet-Lite).
         limit_train: Keep a random subset of this many training faces, after the cut.
         limit_eval: Keep a fixed random subset of this many validation and test faces each.
         batch_size: Training batch size (the DP callback replaces the sampling with Poisson sampling).
@@ -145,6 +147,7 @@ class UTKFaceDataModule(GroupedDataModule):
         resize: int = 80,
         crop: int = 64,
         augment: bool = True,
+        normalization: Normalization = "imagenet",
         limit_train: int | None = None,
         limit_eval: int | None = None,
         batch_size: int = 256,
@@ -186,6 +189,7 @@ class UTKFaceDataModule(GroupedDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.split_seed, self.seed = split_seed, seed
         self.resize, self.crop, self.augment = resize, crop, augment
+        self.normalization: Normalization = normalization
         self.limit_train, self.limit_eval = limit_train, limit_eval
         self.bad_names: list[str] = []  # set by setup
         self.train_group_counts: dict[str, list[int]] = {}  # attribute -> training count per group, set by setup
@@ -215,7 +219,7 @@ class UTKFaceDataModule(GroupedDataModule):
             val_idx, test_idx = (_subset(idx, self.limit_eval) for idx in (val_idx, test_idx))
 
         def make(idx: np.ndarray, train: bool) -> GroupedImageDataset:
-            transform = image_transforms(self.resize, self.crop, train=train and self.augment)
+            transform = image_transforms(self.resize, self.crop, train and self.augment, self.normalization)
             return GroupedImageDataset(
                 [index.files[i] for i in idx], torch.from_numpy(target[idx]), torch.from_numpy(group[idx]), transform
             )

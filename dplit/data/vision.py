@@ -9,25 +9,30 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-# ImageNet statistics: the pretrained backbones expect them, and they are harmless for training from scratch.
+# Input normalisations of pretrained backbones (timm's ``pretrained_cfg`` names the one a model expects):
+# ``imagenet`` (torchvision/timm ResNets) and ``inception`` (TF-ported models: EfficientNet-Lite, Inception v3).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+Normalization = Literal["imagenet", "inception"]
 
 Transform = Callable[[object], Tensor]
 
 
-def image_transforms(
-    resize: int, crop: int, train: bool, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> Transform:
+def image_transforms(resize: int, crop: int, train: bool, normalization: Normalization = "imagenet") -> Transform:
     """PIL image -> normalised float32 [3, crop, crop]; random crop + flip when ``train``, centre crop otherwise."""
     from torchvision import transforms as T
 
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"data.normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
+    mean, std = NORMALIZATIONS[normalization]
     if crop > resize:
         raise ValueError(f"data.crop ({crop}) must be <= data.resize ({resize})")
     steps: list[object] = [T.Resize((resize, resize), antialias=True)]
@@ -122,4 +127,8 @@ def cut_groups(
     return np.flatnonzero(mask), available
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "GroupedImageDataset", "cut_groups", "image_transforms", "seeded_split"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NORMALIZATIONS",
+    "Normalization", "GroupedImageDataset", "cut_groups", "image_transforms", "seeded_split"]
