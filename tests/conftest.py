@@ -91,3 +91,11 @@ def cifar_jpeg_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vision_fixtures import write_cifar_imagefolder
 
     return write_cifar_imagefolder(tmp_path_factory.mktemp("cifar10_jpeg"), 6, 2)
+
+
+@pytest.fixture(scope="session")
+def cifar100_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The canonical ``cifar-100-python`` pickles: 2 train and 1 test image a class."""
+    from vision_fixtures import write_cifar_pickles
+
+    return write_cifar_pickles(tmp_path_factory.mktemp("cifar100"), "cifar100", 2, 1)

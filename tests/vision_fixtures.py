@@ -42,7 +42,10 @@ def write_utkface(folder: Path, per_cell: int = 2, size: int = 12, official: boo
 
 def write_cifar_pickles(root: Path, dataset: str, per_class_train: int, per_class_test: int) -> Path:
     """``cifar-10-batches-py`` (5 data batches, test batch, ``batches.meta``) or ``cifar-100-python`` (train, test,
-    meta with fine and coarse names), pickled as the official releases (latin1-readable, ``data`` uint8 [N, 3072])."""
+    meta with fine and coarse names), pickled with the official keys and layout (``data`` uint8 [N, 3072], channel
+    planes R, G, B); the red plane codes the class, so a reader that mixes up the layout fails."""
+    from dplit.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
+
     rng = np.random.default_rng(1)
     classes = 10 if dataset == "cifar10" else 100
 
@@ -63,29 +66,31 @@ def write_cifar_pickles(root: Path, dataset: str, per_class_train: int, per_clas
         folder = root / "cifar-10-batches-py"
         data, labels = records(per_class_train)
         for i, part in enumerate(np.array_split(np.arange(len(labels)), 5), start=1):
-            dump(folder / f"data_batch_{i}", {b"batch_label": b"training batch", b"labels": [labels[j] for j in part],
-                                              b"data": data[part], b"filenames": [b"x.png"] * len(part)})  # fmt: skip
+            dump(folder / f"data_batch_{i}", {"batch_label": "training batch", "labels": [labels[j] for j in part],
+                                              "data": data[part], "filenames": ["x.png"] * len(part)})  # fmt: skip
         data, labels = records(per_class_test)
-        dump(folder / "test_batch", {b"batch_label": b"testing batch", b"labels": labels, b"data": data})
-        dump(folder / "batches.meta", {b"label_names": [f"class{c}".encode() for c in range(10)], b"num_vis": 3072})
+        dump(folder / "test_batch", {"batch_label": "testing batch", "labels": labels, "data": data})
+        dump(folder / "batches.meta", {"label_names": CIFAR10_CLASSES, "num_cases_per_batch": 10000, "num_vis": 3072})
     else:
         folder = root / "cifar-100-python"
         for name, per_class in (("train", per_class_train), ("test", per_class_test)):
             data, labels = records(per_class)
-            dump(folder / name, {b"fine_labels": labels, b"coarse_labels": [c // 5 for c in labels], b"data": data})
-        dump(folder / "meta", {b"fine_label_names": [f"fine{c}".encode() for c in range(100)],
-                               b"coarse_label_names": [f"coarse{c}".encode() for c in range(20)]})  # fmt: skip
+            dump(folder / name, {"fine_labels": labels, "coarse_labels": [c // 5 for c in labels], "data": data})
+        dump(folder / "meta", {"fine_label_names": CIFAR100_CLASSES,
+                               "coarse_label_names": [f"coarse{c}" for c in range(20)]})  # fmt: skip
     return root
 
 
 def write_cifar_imagefolder(root: Path, per_class_train: int, per_class_test: int, classes: int = 10) -> Path:
-    """``{train,test}/<class>/NNNN.jpg`` 32x32 JPEGs, as the CIFAR-10 (JPEG) copy."""
+    """``{train,test}/<class>/NNNN.jpg`` 32x32 JPEGs named as the CIFAR-10 (JPEG) copy."""
+    from dplit.data.cifar import CIFAR10_CLASSES
+
     rng = np.random.default_rng(2)
     for split, per_class in (("train", per_class_train), ("test", per_class_test)):
-        for c in range(classes):
+        for c, name in enumerate(CIFAR10_CLASSES[:classes]):
             for i in range(per_class):
                 pixels = rng.integers(0, 100, (32, 32, 3)) + 15 * c
-                _jpeg(root / split / f"class{c}" / f"{i:04d}.jpg", pixels.astype(np.uint8))
+                _jpeg(root / split / name / f"{i:04d}.jpg", pixels.astype(np.uint8))
     return root
 
 
@@ -106,4 +111,11 @@ def vision_data_args(text: str, request) -> list[str] | None:
                  "--data.init_args.crop=16", "--data.init_args.batch_size=16",
                  "--data.init_args.eval_batch_size=16"]  # fmt: skip
         return args + (["--data.init_args.underrepresented={Black: 5}"] if "underrepresented:" in text else [])
+    if "dplit.data.CIFARDataModule" in text:
+        cifar100 = "dataset: cifar100" in text
+        root = request.getfixturevalue("cifar100_root" if cifar100 else "cifar_jpeg_root")
+        return args + [f"--data.init_args.root={root}", "--data.init_args.download=false",
+                       f"--data.init_args.val_size={20 if cifar100 else 10}", "--data.init_args.resize=16",
+                       "--data.init_args.crop=16", "--data.init_args.batch_size=16",
+                       "--data.init_args.eval_batch_size=16"]  # fmt: skip
     return None

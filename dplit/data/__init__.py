@@ -1,11 +1,13 @@
 """LightningDataModules and real-format readers; every batch is ``(x, y, group)``."""
 
 from dplit.data.base import GroupedDataModule, GroupedTensorDataset, eval_dataloader
+from dplit.data.cifar import CIFARDataModule
 from dplit.data.mnist import ImbalancedMNISTDataModule
 from dplit.data.tweets import TweetsDataModule
 from dplit.data.utkface import UTKFaceDataModule
 
 __all__ = [
+    "CIFARDataModule",
     "GroupedDataModule",
     "GroupedTensorDataset",
     "ImbalancedMNISTDataModule",

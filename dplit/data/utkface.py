@@ -21,7 +21,14 @@ import torch
 from torch.utils.data import Dataset
 
 from dplit.data.base import GroupedDataModule, check_at_least
-from dplit.data.vision import GroupedImageDataset, Normalization, cut_groups, image_transforms, seeded_split
+from dplit.data.vision import (
+    GroupedImageDataset,
+    Normalization,
+    cut_groups,
+    fixed_subset,
+    image_transforms,
+    seeded_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +223,7 @@ class UTKFaceDataModule(GroupedDataModule):
             sub = np.random.default_rng([self.seed, 1]).choice(len(train_idx), self.limit_train, replace=False)
             train_idx = train_idx[np.sort(sub)]
         if self.limit_eval is not None:
-            val_idx, test_idx = (_subset(idx, self.limit_eval) for idx in (val_idx, test_idx))
+            val_idx, test_idx = (fixed_subset(idx, self.limit_eval) for idx in (val_idx, test_idx))
 
         def make(idx: np.ndarray, train: bool) -> GroupedImageDataset:
             transform = image_transforms(self.resize, self.crop, train and self.augment, self.normalization)
@@ -245,13 +252,6 @@ class UTKFaceDataModule(GroupedDataModule):
             dict(zip(RACES, self.train_group_counts["race"], strict=True)),
         )
         return splits
-
-
-def _subset(idx: np.ndarray, limit: int) -> np.ndarray:
-    """A fixed random subset (seed 0, the same for every run) of at most ``limit`` of ``idx``."""
-    if limit >= len(idx):
-        return idx
-    return np.sort(np.random.default_rng(0).choice(idx, size=limit, replace=False))
 
 
 __all__ = [

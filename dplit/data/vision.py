@@ -127,8 +127,20 @@ def cut_groups(
     return np.flatnonzero(mask), available
 
 
+def fixed_subset(idx: np.ndarray, limit: int | None) -> np.ndarray:
+    """A fixed random subset (seed 0, the same for every run) of at most ``limit`` of ``idx`` (all when None)."""
+    if limit is None or limit >= len(idx):
+        return idx
+    return np.sort(np.random.default_rng(0).choice(idx, size=limit, replace=False))
+
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "NORMALIZATIONS",
-    "Normalization", "GroupedImageDataset", "cut_groups", "image_transforms", "seeded_split"]
+    "Normalization",
+    "GroupedImageDataset",
+    "cut_groups",
+    "image_transforms",
+    "seeded_split",
+]
