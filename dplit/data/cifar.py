@@ -117,6 +117,9 @@ class CIFARDataModule(GroupedDataModule):
         resize: Side the images are resized to (pretrained backbones prefer larger inputs than 32).
         crop: Side of the crop fed to the model (random in training, centre in evaluation).
         augment: Random crop and horizontal flip in training.
+        augmentation_multiplicity: K > 1: each training item is K augmented views ``[K, 3, crop, crop]`` of one
+            image, one privacy unit (De et al. 2022); train with
+            :class:`~dplit.tasks.MultiViewClassificationTask`, whose rows the DP callback combines per item.
         normalization: Input statistics the backbone expects (``imagenet`` or ``inception``).
         limit_train: Keep a random subset of this many training images.
         limit_eval: Keep a fixed random subset of this many validation and test images each.
@@ -138,6 +141,7 @@ class CIFARDataModule(GroupedDataModule):
         resize: int = 32,
         crop: int = 32,
         augment: bool = True,
+        augmentation_multiplicity: int = 1,
         normalization: Normalization = "imagenet",
         limit_train: int | None = None,
         limit_eval: int | None = None,
@@ -153,6 +157,9 @@ class CIFARDataModule(GroupedDataModule):
         if download and format == "imagefolder":
             raise ValueError("`data.download: true` fetches the pickled release: use format pickle or auto")
         check_at_least(0, val_size=val_size)
+        check_at_least(1, augmentation_multiplicity=augmentation_multiplicity)
+        if augmentation_multiplicity > 1 and not augment:
+            raise ValueError("data.augmentation_multiplicity > 1 needs data.augment: true (else the K views are equal)")
         check_at_least(1, resize=resize, crop=crop, limit_train=limit_train, limit_eval=limit_eval)
         if crop > resize:
             raise ValueError(f"data.crop ({crop}) must be <= data.resize ({resize})")
@@ -170,6 +177,7 @@ class CIFARDataModule(GroupedDataModule):
         if unknown:
             raise ValueError(f"data.underrepresented: unknown classes {unknown}; the classes are {classes}")
         self.resize, self.crop, self.augment, self.normalization = resize, crop, augment, normalization
+        self.augmentation_multiplicity = augmentation_multiplicity
         self.limit_train, self.limit_eval = limit_train, limit_eval
         self.group_attributes = {"class": list(classes)}
         self.num_classes = len(classes)
@@ -255,7 +263,8 @@ class CIFARDataModule(GroupedDataModule):
             images = x[idx] if isinstance(x, np.ndarray) else [x[i] for i in idx]
             target = torch.from_numpy(y[idx])
             transform = image_transforms(self.resize, self.crop, train and self.augment, self.normalization)
-            return GroupedImageDataset(images, target, target.clone(), transform)
+            views = self.augmentation_multiplicity if train else 1
+            return GroupedImageDataset(images, target, target.clone(), transform, views=views)
 
         splits = {
             "train": make(train_x, train_y, train_idx, True),

@@ -49,17 +49,29 @@ class GroupedImageDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
         y: Targets [N] (int64), or [N, L] for multi-label targets.
         group: Subgroup ids [N] or [N, A] (column 0 the primary attribute).
         transform: PIL image -> tensor.
+        views: K > 1: an item's input is K independently transformed views of its image, [K, 3, H, W]
+            (augmentation multiplicity; the item stays one privacy unit).
     """
 
-    def __init__(self, images: Sequence[str | Path] | np.ndarray, y: Tensor, group: Tensor, transform: Transform):
+    def __init__(
+        self,
+        images: Sequence[str | Path] | np.ndarray,
+        y: Tensor,
+        group: Tensor,
+        transform: Transform,
+        views: int = 1,
+    ) -> None:
         if len(images) != len(y) or len(group) != len(y):
             raise ValueError(
                 f"GroupedImageDataset: sizes differ (images {len(images)}, y {len(y)}, group {len(group)})"
             )
+        if views < 1:
+            raise ValueError(f"GroupedImageDataset: views must be >= 1, got {views}")
         self.images = images
         self.y = y
         self.group = group.to(torch.int64)
         self.transform = transform
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.y)
@@ -74,7 +86,10 @@ class GroupedImageDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
             return img.convert("RGB")
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        return self.transform(self.load_image(index)), self.y[index], self.group[index]
+        image = self.load_image(index)
+        if self.views == 1:
+            return self.transform(image), self.y[index], self.group[index]
+        return torch.stack([self.transform(image) for _ in range(self.views)]), self.y[index], self.group[index]
 
     def group_counts(self, num_groups: int, attribute: int = 0) -> list[int]:
         """Number of items in each group ``0..num_groups-1`` of one attribute (column; the primary by default)."""
