@@ -75,23 +75,24 @@ def test_frozen_batchnorm_keeps_the_pretrained_eval_outputs():
 
 
 def test_groupnorm_swap_keeps_activations_and_affine_and_mixes_nothing():
-    plain = timm.create_model("tf_efficientnet_lite0", num_classes=3)
-    acts = sum(isinstance(m, nn.ReLU6) for m in plain.modules())
+    plain = timm.create_model("test_efficientnet", num_classes=3)
+    norms = sum(isinstance(m, BN) for m in plain.modules())
+    acts = sum(isinstance(m, nn.SiLU) for m in plain.modules())
     gamma = plain.bn1.weight.detach().clone().uniform_()
     plain.bn1.weight.data.copy_(gamma)
     replaced = batchnorm_to_groupnorm(plain)
-    assert len(replaced) == 49 and not any(isinstance(m, BN) for m in plain.modules())
-    assert sum(isinstance(m, nn.ReLU6) for m in plain.modules()) == acts  # timm's BatchNormAct2d activation kept
+    assert len(replaced) == norms > 0 and not any(isinstance(m, BN) for m in plain.modules())
+    assert sum(isinstance(m, nn.SiLU) for m in plain.modules()) == acts  # timm's BatchNormAct2d activation kept
     assert torch.equal(plain.bn1[0].weight, gamma)
     assert not _first_row_depends_on_the_batch(plain.train())
 
 
 def test_resnet18_groupnorm_from_scratch():
-    for stem, size in (("cifar", 32), ("imagenet", 64)):
+    for stem in ("cifar", "imagenet"):
         model = ResNet18GN(num_classes=7, stem=stem).train()
         assert not any(isinstance(m, BN) for m in model.modules())
-        assert model(torch.randn(2, 3, size, size)).shape == (2, 7)
-    assert not _first_row_depends_on_the_batch(ResNet18GN(num_classes=3, stem="cifar").train())
+        assert model(torch.randn(2, 3, 16, 16)).shape == (2, 7)
+    assert not _first_row_depends_on_the_batch(model)
 
 
 def test_trainable_layers_patterns_and_last_blocks():
