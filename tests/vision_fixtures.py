@@ -119,3 +119,26 @@ def vision_data_args(text: str, request) -> list[str] | None:
                        "--data.init_args.crop=16", "--data.init_args.batch_size=16",
                        "--data.init_args.eval_batch_size=16"]  # fmt: skip
     return None
+
+
+def write_fairface(root: Path, per_race: int = 4, size: int = 12) -> Path:
+    """FairFace's release layout: ``fairface_label_{train,val}.csv`` (``file,age,gender,race,service_test``) and
+    ``train/N.jpg``, ``val/N.jpg``; ``per_race`` training faces and 1 validation face a race, plus one training row
+    with an unknown race value (skipped and reported)."""
+    from dplit.data.fairface import AGES, GENDERS, RACES
+
+    rng = np.random.default_rng(3)
+    for split, n in (("train", per_race), ("val", 1)):
+        rows = ["file,age,gender,race,service_test"]
+        index = 0
+        for r, race in enumerate(RACES):
+            for i in range(n):
+                index += 1
+                gender, age = GENDERS[(i + r) % 2], AGES[(i + 2 * r) % len(AGES)]
+                pixels = rng.integers(0, 128, (size, size, 3)) + 100 * ((i + r) % 2)
+                _jpeg(root / split / f"{index}.jpg", pixels.astype(np.uint8))
+                rows.append(f"{split}/{index}.jpg,{age},{gender},{race},{'True' if i % 2 else 'False'}")
+        if split == "train":
+            rows.append(f"train/{index}.jpg,20-29,Male,Martian,False")
+        (root / f"fairface_label_{split}.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -2,12 +2,14 @@
 
 from dplit.data.base import GroupedDataModule, GroupedTensorDataset, eval_dataloader
 from dplit.data.cifar import CIFARDataModule
+from dplit.data.fairface import FairFaceDataModule
 from dplit.data.mnist import ImbalancedMNISTDataModule
 from dplit.data.tweets import TweetsDataModule
 from dplit.data.utkface import UTKFaceDataModule
 
 __all__ = [
     "CIFARDataModule",
+    "FairFaceDataModule",
     "GroupedDataModule",
     "GroupedTensorDataset",
     "ImbalancedMNISTDataModule",
