@@ -142,3 +142,31 @@ def write_fairface(root: Path, per_race: int = 4, size: int = 12) -> Path:
             rows.append(f"train/{index}.jpg,20-29,Male,Martian,False")
         (root / f"fairface_label_{split}.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def write_celeba(root: Path, n: int = 12, size: int = 12) -> Path:
+    """CelebA's files in torchvision's layout ``ROOT/celeba/`` (space-aligned text files as released, attributes
+    -1/1, partition 0/1/2 = train/valid/test: half, a quarter, a quarter) and ``img_align_celeba/NNNNNN.jpg``."""
+    from dplit.data.celeba import ATTRIBUTES
+
+    rng = np.random.default_rng(4)
+    folder = root / "celeba"
+    names = [f"{i:06d}.jpg" for i in range(1, n + 1)]
+    attrs = rng.choice([-1, 1], size=(n, len(ATTRIBUTES)))
+    for name in names:
+        _jpeg(folder / "img_align_celeba" / name, rng.integers(0, 255, (size, size, 3)).astype(np.uint8))
+    part = [0] * (n // 2) + [1] * (n // 4) + [2] * (n - n // 2 - n // 4)
+    (folder / "list_eval_partition.txt").write_text("".join(f"{a} {p}\n" for a, p in zip(names, part)))
+    (folder / "identity_CelebA.txt").write_text("".join(f"{a} {2880 + i}\n" for i, a in enumerate(names)))
+    (folder / "list_attr_celeba.txt").write_text(
+        f"{n}\n" + " ".join(ATTRIBUTES) + " \n"
+        + "".join(a + " " + " ".join(f"{v:2d}" for v in row) + "\n" for a, row in zip(names, attrs))
+    )  # fmt: skip
+    (folder / "list_bbox_celeba.txt").write_text(
+        f"{n}\nimage_id x_1 y_1 width height\n" + "".join(f"{a}    95  71 226 313\n" for a in names)
+    )
+    landmarks = " ".join(f"{p}_{c}" for p in ("lefteye", "righteye", "nose", "leftmouth", "rightmouth") for c in "xy")
+    (folder / "list_landmarks_align_celeba.txt").write_text(
+        f"{n}\n{landmarks}\n" + "".join(f"{a} 69  109  106  113   77  142   73  152  108  154\n" for a in names)
+    )
+    return root
