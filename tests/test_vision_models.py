@@ -88,11 +88,12 @@ def test_groupnorm_swap_keeps_activations_and_affine_and_mixes_nothing():
 
 
 def test_resnet18_groupnorm_from_scratch():
-    for stem in ("cifar", "imagenet"):
-        model = ResNet18GN(num_classes=7, stem=stem).train()
-        assert not any(isinstance(m, BN) for m in model.modules())
-        assert model(torch.randn(2, 3, 16, 16)).shape == (2, 7)
+    model = ResNet18GN(num_classes=7).train()
+    assert not any(isinstance(m, BN) for m in model.modules())
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 7)
     assert not _first_row_depends_on_the_batch(model)
+    cifar = ResNet18GN(num_classes=7, stem="cifar").net
+    assert cifar.conv1.stride == (1, 1) and isinstance(cifar.maxpool, nn.Identity)
 
 
 def test_trainable_layers_patterns_and_last_blocks():
@@ -169,7 +170,7 @@ def test_lite0_weights_assign_every_tensor_in_order(lite0):
 
 @pytest.mark.skipif(not CIFAR_TEST.is_dir(), reason=f"CIFAR-10 (JPEG) is not at {CIFAR_TEST}")
 def test_lite0_recognises_real_trucks(lite0):
-    """8 real CIFAR-10 (JPEG) trucks upsampled to 224: most top-1 ImageNet classes are road vehicles."""
+    """6 real CIFAR-10 (JPEG) trucks upsampled to 224: most top-1 ImageNet classes are road vehicles."""
     from PIL import Image
 
     from dplit.data.vision import image_transforms
@@ -177,11 +178,11 @@ def test_lite0_recognises_real_trucks(lite0):
     model, _, _ = lite0
     vehicles = {407, 555, 569, 656, 675, 717, 734, 757, 864, 867}  # ambulance ... trailer truck (ImageNet ids)
     tf = image_transforms(224, 224, train=False, normalization="inception")
-    files = sorted((CIFAR_TEST / "truck").glob("*.jpg"))[:8]
+    files = sorted((CIFAR_TEST / "truck").glob("*.jpg"))[:6]
     x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
     with torch.no_grad():
         top = model.eval()(x).argmax(-1).tolist()
-    assert sum(c in vehicles for c in top) >= 5, top
+    assert sum(c in vehicles for c in top) >= 4, top
 
 
 def test_lite0_backbone_from_the_package(lite0):
