@@ -75,3 +75,27 @@ def tweets_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             data += b"stray \r carriage " + label.encode() + b"\n" + b"bad \xed\xa0\xbd bytes " + label.encode() + b"\n"
             (root / f"{dialect}_{label}").write_bytes(data)
     return root
+
+
+@pytest.fixture(scope="session")
+def utkface_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny UTKFace folder (80 faces of 12x12 named as the shared copy, plus 3 malformed names)."""
+    from vision_fixtures import write_utkface
+
+    return write_utkface(tmp_path_factory.mktemp("utkface"))
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CIFAR-10 (JPEG) layout ``{train,test}/<class>/NNNN.jpg``: 6 train and 2 test images a class."""
+    from vision_fixtures import write_cifar_imagefolder
+
+    return write_cifar_imagefolder(tmp_path_factory.mktemp("cifar10_jpeg"), 6, 2)
+
+
+@pytest.fixture(scope="session")
+def cifar100_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The canonical ``cifar-100-python`` pickles: 2 train and 1 test image a class."""
+    from vision_fixtures import write_cifar_pickles
+
+    return write_cifar_pickles(tmp_path_factory.mktemp("cifar100"), "cifar100", 2, 1)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from opacus.optimizers import DPOptimizer
+from vision_fixtures import vision_data_args
 
 from dplit.callbacks import DifferentialPrivacy
 from dplit.cli import DplitCLI, main
@@ -21,8 +22,11 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 PRESETS = sorted((ROOT / "callbacks").glob("*.yaml"))
 
 
-def _data_args(config: Path, mnist_root: Path, tweets_root: Path | None = None) -> list[str]:
+def _data_args(config: Path, mnist_root: Path, tweets_root: Path | None = None, request=None) -> list[str]:
     text = config.read_text()
+    vision = vision_data_args(text, request)  # image configs: tiny fixtures in their real formats
+    if vision is not None:
+        return vision
     if "TweetsDataModule" in text:
         assert tweets_root is not None
         return [
@@ -71,9 +75,9 @@ def test_ddp_config_trains_a_few_steps(config, mnist_root, tmp_path):
 
 
 @pytest.mark.parametrize("config", SINGLE, ids=[c.name for c in SINGLE])
-def test_config_trains_a_few_steps(config, mnist_root, tweets_root, tmp_path, monkeypatch):
+def test_config_trains_a_few_steps(config, mnist_root, tweets_root, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)  # the configs write to runs/<name>/ relative to the working directory
-    cli = _run(["fit", f"--config={config}", *FAST, *_data_args(config, mnist_root, tweets_root)])
+    cli = _run(["fit", f"--config={config}", *FAST, *_data_args(config, mnist_root, tweets_root, request)])
     assert cli.trainer.global_step == 3
     dp = [cb for cb in cli.trainer.callbacks if isinstance(cb, DifferentialPrivacy)]
     assert bool(dp) == ("_dp" in config.stem or config.stem == "quickstart")

@@ -1,13 +1,21 @@
 """LightningDataModules and real-format readers; every batch is ``(x, y, group)``."""
 
 from dplit.data.base import GroupedDataModule, GroupedTensorDataset, eval_dataloader
+from dplit.data.celeba import CelebADataModule
+from dplit.data.cifar import CIFARDataModule
+from dplit.data.fairface import FairFaceDataModule
 from dplit.data.mnist import ImbalancedMNISTDataModule
 from dplit.data.tweets import TweetsDataModule
+from dplit.data.utkface import UTKFaceDataModule
 
 __all__ = [
+    "CIFARDataModule",
+    "CelebADataModule",
+    "FairFaceDataModule",
     "GroupedDataModule",
     "GroupedTensorDataset",
     "ImbalancedMNISTDataModule",
     "TweetsDataModule",
+    "UTKFaceDataModule",
     "eval_dataloader",
 ]

@@ -4,6 +4,17 @@ from dplit.models.bilstm import BiLSTMClassifier
 from dplit.models.cnn import MnistCNN
 from dplit.models.embedding import HashedWordEmbedding
 from dplit.models.lstm import LSTM, LSTMScan
+from dplit.models.resnet import ResNet18GN
+from dplit.models.timm_backbone import TimmBackbone
 from dplit.models.transformer import TransformerClassifier
 
-__all__ = ["LSTM", "BiLSTMClassifier", "HashedWordEmbedding", "LSTMScan", "MnistCNN", "TransformerClassifier"]
+__all__ = [
+    "LSTM",
+    "BiLSTMClassifier",
+    "HashedWordEmbedding",
+    "LSTMScan",
+    "MnistCNN",
+    "ResNet18GN",
+    "TimmBackbone",
+    "TransformerClassifier",
+]

@@ -2,5 +2,6 @@
 
 from dplit.tasks.base import GroupedTask, default_optimizer
 from dplit.tasks.classification import ClassificationTask
+from dplit.tasks.vision import MultiViewClassificationTask
 
-__all__ = ["ClassificationTask", "GroupedTask", "default_optimizer"]
+__all__ = ["ClassificationTask", "GroupedTask", "MultiViewClassificationTask", "default_optimizer"]

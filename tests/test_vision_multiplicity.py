@@ -1,0 +1,71 @@
+"""Augmentation multiplicity: K views of an item are one privacy unit; one item moves the model by at most C."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from dp_helpers import trainer
+from torch import nn
+from vision_fixtures import write_cifar_pickles
+
+from dplit.callbacks import DifferentialPrivacy
+from dplit.data.cifar import CIFARDataModule
+from dplit.tasks import MultiViewClassificationTask
+
+C, K = 1.0, 3
+
+
+class Recording(MultiViewClassificationTask):
+    def training_step(self, batch, batch_idx):
+        self.seen = batch[0].clone()
+        return super().training_step(batch, batch_idx)
+
+
+def _data(root, **kwargs) -> CIFARDataModule:
+    return CIFARDataModule(root=str(root), format="pickle", val_size=5, resize=12, crop=8, augmentation_multiplicity=K,
+                           **kwargs)  # fmt: skip
+
+
+def test_views_for_training_only_and_per_item_losses(tmp_path):
+    dm = _data(write_cifar_pickles(tmp_path, "cifar10", 2, 1), batch_size=4)
+    x, y, group = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, K, 3, 8, 8) and not torch.equal(x[:, 0], x[:, 1])  # independent random crops
+    assert next(iter(dm.val_dataloader()))[0].dim() == 4
+    task = MultiViewClassificationTask(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)))
+    out, targets, g = task.forward_batch((x, y, group))
+    assert out.shape == (4 * K, 10) and torch.equal(targets, y.repeat_interleave(K)) and torch.equal(g, group)
+    rows = nn.functional.cross_entropy(out, targets, reduction="none")
+    torch.testing.assert_close(task.per_example_loss(out, targets), rows.reshape(4, K).mean(1))
+    with pytest.raises(ValueError, match="one group id per item"):
+        task.forward_batch((x, y, torch.stack([group, group], dim=1)))
+    with pytest.raises(ValueError, match="augment"):
+        CIFARDataModule(augmentation_multiplicity=2, augment=False)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_an_items_views_together_move_the_model_by_at_most_c(tmp_path, mode):
+    root = write_cifar_pickles(tmp_path, "cifar10", 1, 1)
+    dm = _data(root, batch_size=1, limit_train=1)  # one item, q = 1: the update is its clipped unit gradient
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    task = Recording(backbone, optimizer=partial(torch.optim.SGD, lr=1.0))
+    before = [p.detach().clone() for p in backbone.parameters()]
+    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=C, grad_sample_mode=mode)
+    trainer(tmp_path, [dp], max_steps=1).fit(task, datamodule=dm)
+    update = torch.cat([(b - a).reshape(-1) for b, a in zip(before, backbone.parameters(), strict=True)])
+    # Independent reference: each view's own loss gradient at the starting weights.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    nn.utils.vector_to_parameters(torch.cat([b.reshape(-1) for b in before]), net.parameters())
+    y = dm.splits()["train"].y[:1]
+    rows = []
+    for k in range(K):
+        loss = nn.functional.cross_entropy(net(task.seen[:, k]), y)
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(net.parameters()))]))
+    unit = sum(rows)
+    assert min(r.norm() for r in rows) > 2 * C  # every view alone would be clipped
+    assert sum(r * C / r.norm() for r in rows).norm() > 1.5 * C  # clipping views separately: up to K x C
+    assert update.norm() <= C * (1 + 1e-4)
+    torch.testing.assert_close(update, unit * C / unit.norm(), rtol=1e-4, atol=1e-6)
+    assert dp.accountant.steps == 1
