@@ -38,8 +38,8 @@ def test_views_for_training_only_and_per_item_losses(tmp_path):
     assert out.shape == (4 * K, 10) and torch.equal(targets, y.repeat_interleave(K)) and torch.equal(g, group)
     rows = nn.functional.cross_entropy(out, targets, reduction="none")
     torch.testing.assert_close(task.per_example_loss(out, targets), rows.reshape(4, K).mean(1))
-    with pytest.raises(ValueError, match="one group id per item"):
-        task.forward_batch((x, y, torch.stack([group, group], dim=1)))
+    two = torch.stack([group, group], dim=1)  # several attributes: still one unit per item ([B, A] kept as is)
+    assert torch.equal(task.forward_batch((x, y, two))[2], two)
     with pytest.raises(ValueError, match="augment"):
         CIFARDataModule(augmentation_multiplicity=2, augment=False)
 

@@ -18,8 +18,9 @@ class MultiViewClassificationTask(ClassificationTask):
     the privacy units (it sums each item's K row gradients before clipping, so one item still moves the model by at
     most ``max_grad_norm``; the task knows nothing about DP). The training loss is the criterion's mean over rows,
     i.e. the mean over items of each item's mean over its views; per-example losses are per item. Under the DP
-    callback a unit's gradient is the SUM of its K row gradients (K times their mean): clipping it at C equals
-    clipping the mean at C/K, then scaling the update by K. Evaluation batches are single images [B, C, H, W].
+    callback a unit's gradient is the MEAN of its K row gradients (averaged before clipping, as De et al. 2022), so
+    DP and non-DP updates share one scale. Evaluation batches are single images [B, C, H, W]. Several group
+    attributes ([B, A] group ids) are fine: the privacy core counts units from the items.
 
     Works with the per-sample backends ``hooks`` and ``functorch`` (``ghost`` and ``bookkeeping`` clip rows and refuse
     multi-row units). Arguments as :class:`~dplit.tasks.ClassificationTask`.
@@ -33,12 +34,6 @@ class MultiViewClassificationTask(ClassificationTask):
         if x.dim() != 5:  # [B, C, H, W]: one view an item (evaluation)
             self._views = 1
             return self(x), y, group
-        if group.dim() != 1:
-            raise ValueError(
-                f"{type(self).__name__}: K views per item need one group id per item ([B]); got group "
-                f"{tuple(group.shape)}. The privacy core finds the units of multi-row items from 1-D group ids "
-                "only, so several group attributes would clip each view as its own unit (sensitivity K x C)."
-            )
         k = x.shape[1]
         self._views = k
         return self(x.flatten(0, 1)), y.repeat_interleave(k), group  # rows [B*K, ...], unit-major
