@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dplit.report.cli:main",
         "Disparate-impact report: per-group privacy cost of DP runs vs their non-DP twin (PNG + markdown).",
     ),
+    "baseline": ("dplit.baselines.cli:main", "NON-private scikit-learn baselines on a config's data, as report runs."),
     "audit": (
         "dplit.audit.cli:main",
         "Empirical privacy audit in one training run: a lower bound on epsilon from mislabelled canaries.",

@@ -4,6 +4,15 @@ from dplit.models.bilstm import BiLSTMClassifier
 from dplit.models.cnn import MnistCNN
 from dplit.models.embedding import HashedWordEmbedding
 from dplit.models.lstm import LSTM, LSTMScan
+from dplit.models.mlp import TabularMLP
 from dplit.models.transformer import TransformerClassifier
 
-__all__ = ["LSTM", "BiLSTMClassifier", "HashedWordEmbedding", "LSTMScan", "MnistCNN", "TransformerClassifier"]
+__all__ = [
+    "LSTM",
+    "BiLSTMClassifier",
+    "HashedWordEmbedding",
+    "LSTMScan",
+    "MnistCNN",
+    "TabularMLP",
+    "TransformerClassifier",
+]
