@@ -137,9 +137,7 @@ def encode(columns: Sequence[Column], data: dict[str, np.ndarray], rows: np.ndar
     return np.concatenate(parts, axis=1) if parts else np.zeros((len(rows), 0), np.float32)
 
 
-def stratified_split(
-    rows: np.ndarray, strata: np.ndarray, fractions: Sequence[float], seed: int
-) -> list[np.ndarray]:
+def stratified_split(rows: np.ndarray, strata: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Splits ``rows`` into ``len(fractions) + 1`` sorted parts (the last takes the rest), stratified by ``strata``.
 
     Deterministic given ``seed``: depends only on the rows' order and strata, never on feature values. Each stratum

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dplit.data.tabular import Categorical, GroupSpec, Numeric, age_band_ids, age_band_names, code_groups
+from dplit.data.tabular import Categorical, Column, GroupSpec, Numeric, age_band_ids, age_band_names, code_groups
 from dplit.data.tabular_io import (
     ADULT_URL,
     CREDIT_FILE,
@@ -44,7 +44,7 @@ def _age(column: str, edges: Sequence[int]) -> GroupSpec:
 _PAY = tuple(Numeric(f"X{i}", -2, 8) for i in range(6, 12))  # PAY_0, PAY_2..PAY_6: -2..8 (documented)
 _BILL = tuple(Numeric(f"X{i}", -1e6, 1e6, log=True) for i in range(12, 18))  # BILL_AMT1-6 (NT$)
 _PAID = tuple(Numeric(f"X{i}", 0, 1e6, log=True) for i in range(18, 24))  # PAY_AMT1-6 (NT$)
-CREDIT_COLUMNS_SPEC = (
+CREDIT_COLUMNS_SPEC: tuple[Column, ...] = (
     Numeric("X1", 0, 1e6, log=True),  # LIMIT_BAL
     Categorical("X2", ("1", "2")),  # SEX: 1 male, 2 female
     Categorical("X3", ("1", "2", "3", "4")),  # EDUCATION: graduate school, university, high school, others
@@ -119,7 +119,7 @@ def _codes(name: str) -> Categorical:
     return Categorical(name, tuple(code.strip() for code in ADULT_CODES[name].split(",")))
 
 
-ADULT_COLUMNS_SPEC = (
+ADULT_COLUMNS_SPEC: tuple[Column, ...] = (
     Numeric("age", 17, 90),
     _codes("workclass"),
     Numeric("fnlwgt", 1e4, 1.5e6, log=True),
@@ -189,7 +189,7 @@ def _coded(index: int, count: int, first: int = 1) -> Categorical:
     return Categorical(f"A{index}", tuple(f"A{index}{k}" for k in range(first, first + count)))
 
 
-GERMAN_COLUMNS_SPEC = (
+GERMAN_COLUMNS_SPEC: tuple[Column, ...] = (
     _coded(1, 4),  # status of existing checking account A11-A14
     Numeric("A2", 4, 72),  # duration in months
     _coded(3, 5, first=0),  # credit history A30-A34
