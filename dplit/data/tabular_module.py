@@ -166,8 +166,7 @@ class TabularDataModule(GroupedDataModule):
             rest = rows[~official_test[rows]]
             val, train = stratified_split(rest, strata[rest], [self.val_fraction], self.split_seed)
             return [train, val, test]
-        share = self.val_fraction / (1 - self.test_fraction)
-        test, val, train = stratified_split(rows, strata[rows], [self.test_fraction, share * 1.0], self.split_seed)
+        test, val, train = stratified_split(rows, strata[rows], [self.test_fraction, self.val_fraction], self.split_seed)
         return [train, val, test]
 
     def load_splits(self) -> dict[str, Dataset]:
