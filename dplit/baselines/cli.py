@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "the config's trainer.default_root_dir, else runs/)")  # fmt: skip
     parser.add_argument("--name", default=None, help="run folder prefix (default: the config's file name)")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OpenMP/BLAS threads for scikit-learn (default: its own choice; "
+        "1 on a busy shared machine, where gradient boosting's OpenMP threads can be 10x slower)",
+    )
+    parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override data init_args, e.g. root=../data/credit"
     )
     return parser
@@ -131,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.seed if args.seed is not None else [int(config.get("seed_everything") or 0)]
         default_root = (config.get("trainer") or {}).get("default_root_dir")
         root = args.root_dir or (Path(default_root).parent if default_root else Path("runs"))
-        run_baselines(config, args.name or args.config.stem, root, args.models, seeds)
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+        with threadpool_limits(limits=args.threads):
+            run_baselines(config, args.name or args.config.stem, root, args.models, seeds)
     except (OSError, ValueError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

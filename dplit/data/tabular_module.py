@@ -166,7 +166,8 @@ class TabularDataModule(GroupedDataModule):
             rest = rows[~official_test[rows]]
             val, train = stratified_split(rest, strata[rest], [self.val_fraction], self.split_seed)
             return [train, val, test]
-        test, val, train = stratified_split(rows, strata[rows], [self.test_fraction, self.val_fraction], self.split_seed)
+        fractions = [self.test_fraction, self.val_fraction]
+        test, val, train = stratified_split(rows, strata[rows], fractions, self.split_seed)
         return [train, val, test]
 
     def load_splits(self) -> dict[str, Dataset]:
