@@ -129,7 +129,8 @@ def encode(columns: Sequence[Column], data: dict[str, np.ndarray], rows: np.ndar
         values = data[c.name][rows]
         if isinstance(c, Categorical):
             index = {code: i for i, code in enumerate(c.codes)}
-            ids = np.array([index.get(str(v), len(c.codes)) for v in values], dtype=np.int64)
+            distinct, inverse = np.unique(values.astype(str), return_inverse=True)
+            ids = np.array([index.get(v, len(c.codes)) for v in distinct], dtype=np.int64)[inverse.reshape(-1)]
             parts.append(np.eye(c.width, dtype=np.float32)[ids])
         else:
             t = (c.transform(values) - scaler.offsets[c.name]) / scaler.scales[c.name]
@@ -174,7 +175,8 @@ def code_groups(column: str, mapping: dict[str, int]) -> Callable[[dict[str, np.
     fallback = max(mapping.values()) + 1
 
     def assign(data: dict[str, np.ndarray]) -> np.ndarray:
-        return np.array([mapping.get(str(v), fallback) for v in data[column]], dtype=np.int64)
+        distinct, inverse = np.unique(data[column].astype(str), return_inverse=True)
+        return np.array([mapping.get(v, fallback) for v in distinct], dtype=np.int64)[inverse.reshape(-1)]
 
     return assign
 

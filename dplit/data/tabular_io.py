@@ -52,13 +52,20 @@ def _number(path: Path, line: int, column: str, text: str) -> float:
         raise TabularFormatError(f"{path}, line {line}: column {column} is {text!r}, not a number") from None
 
 
-def _columns(rows: list[list[str]], names: list[str], numeric: set[str], path: Path, lines: list[int]):
+def _columns(
+    rows: list[list[str]], names: list[str], numeric: set[str], path: Path, lines: list[int]
+) -> dict[str, np.ndarray]:
+    """Columns of ``rows``: float64 for ``numeric`` names (a bad value names its line), else strings (object)."""
+    table = np.array(rows, dtype=object).reshape(len(rows), len(names))
     out: dict[str, np.ndarray] = {}
     for j, name in enumerate(names):
         if name in numeric:
-            out[name] = np.array([_number(path, n, name, r[j]) for r, n in zip(rows, lines, strict=True)])
+            try:
+                out[name] = table[:, j].astype(np.float64)
+            except ValueError:  # find the first bad cell, for the message
+                out[name] = np.array([_number(path, n, name, r[j]) for r, n in zip(rows, lines, strict=True)])
         else:
-            out[name] = np.array([r[j] for r in rows], dtype=object)
+            out[name] = table[:, j]
     return out
 
 
@@ -95,18 +102,19 @@ def read_adult(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     rows, lines = [], []
     with path.open(newline="") as handle:
-        for n, raw in enumerate(handle, start=1):
-            text = raw.strip()
-            if not text or text.startswith("|"):  # blank lines; the test file's "|1x3 Cross validator"
-                continue
-            fields = [f.strip() for f in text.split(",")]
+        reader = csv.reader(handle, skipinitialspace=True)
+        for fields in reader:
+            if not fields or fields[0].startswith("|") or (len(fields) == 1 and not fields[0].strip()):
+                continue  # blank lines; the test file's "|1x3 Cross validator"
+            n = reader.line_num
             if len(fields) != len(ADULT_COLUMNS):
                 raise TabularFormatError(
                     f"{path}, line {n}: expected {len(ADULT_COLUMNS)} comma-separated fields, got {len(fields)}"
                 )
-            fields[-1] = fields[-1].rstrip(".")  # adult.test writes "<=50K."
-            if fields[-1] not in ("<=50K", ">50K"):
-                raise TabularFormatError(f"{path}, line {n}: income must be <=50K or >50K, got {fields[-1]!r}")
+            label = fields[-1].strip().rstrip(".")  # adult.test writes "<=50K."
+            if label not in ("<=50K", ">50K"):
+                raise TabularFormatError(f"{path}, line {n}: income must be <=50K or >50K, got {label!r}")
+            fields[-1] = label
             rows.append(fields)
             lines.append(n)
     return _columns(rows, ADULT_COLUMNS, ADULT_NUMERIC, path, lines)
