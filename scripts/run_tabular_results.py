@@ -176,8 +176,8 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
 
 def group_names(rows: list[dict[str, Any]], attr: str) -> list[str]:
     mark = "test/acc/group=" if attr == "group" else f"test/acc/{attr}="
-    names = {k[len(mark) :] for r in rows for k in r["metrics"] if k.startswith(mark)}
-    return sorted(names)
+    names = [k[len(mark) :] for r in rows for k in r["metrics"] if k.startswith(mark)]
+    return list(dict.fromkeys(names))  # the DataModule's group order (the order the metrics were logged in)
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -206,7 +206,12 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 cells += [fmt([x.get(f"test/acc/age={a}", math.nan) for x in m]) for a in ages]
                 cells += [fmt([x.get("test/acc_gap/age", math.nan) for x in m])]
                 lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "Paired differences (transfer-all minus scratch, same seed), in pp:", ""]
+        first = exp_rows[0]["metrics"]
+        counts = [f"{s} {first.get(f'test/count/group={s}', 0):.0f}" for s in sexes]
+        counts += [f"age {a} {first.get(f'test/count/age={a}', 0):.0f}" for a in ages]
+        lines += ["", f"Test rows per group: {', '.join(counts)}. Cells: mean ± half-width of the 95% t interval over "
+                  "seeds (%; gaps and differences in pp).", ""]  # fmt: skip
+        lines += ["Paired differences (transfer-all minus scratch, same seed), in pp:", ""]
         lines += ["| privacy | Δ acc | Δ AUC | Δ sex gap | Δ age gap |", "|---|---|---|---|---|"]
         for privacy in privacies:
             pairs = []

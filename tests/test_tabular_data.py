@@ -199,3 +199,21 @@ def test_download_path_with_a_patched_network(tmp_path, monkeypatch):
     assert sum(len(s) for s in dm.splits().values()) == 80
     assert asked == ["https://archive.ics.uci.edu/ml/machine-learning-databases/statlog/german/german.data"]
     assert (tmp_path / "fresh" / "german.data").read_bytes() == payload
+
+
+def test_training_split_statistics_warn_under_dp(tmp_path, caplog):
+    """preprocessing: train fits on the private rows, which DP does not cover: warned when a DP callback is active."""
+    from types import SimpleNamespace
+
+    from dplit.callbacks import DifferentialPrivacy
+
+    write_german(tmp_path, n=60)
+    for preprocessing, callbacks, warned in [("train", [DifferentialPrivacy(noise_multiplier=1.0)], True),
+                                             ("spec", [DifferentialPrivacy(noise_multiplier=1.0)], False),
+                                             ("train", [], False)]:  # fmt: skip
+        caplog.clear()
+        dm = GermanCreditDataModule(root=str(tmp_path), preprocessing=preprocessing)
+        dm.trainer = SimpleNamespace(callbacks=callbacks)
+        with caplog.at_level("WARNING", logger="dplit.data.tabular_module"):
+            dm.setup("fit")
+        assert ("NOT covered by the DP guarantee" in caplog.text) == warned, (preprocessing, callbacks)
