@@ -29,15 +29,16 @@ def test_baseline_runs_have_the_neural_metric_names_and_feed_the_report(tmp_path
     root = f"--data.init_args.root={tmp_path / 'credit'}"
     DplitCLI(args=["fit", f"--config={config}", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
                    "--trainer.enable_progress_bar=false", root])  # fmt: skip
-    code = main(
-        ["baseline", f"--config={config}", f"--set=root={tmp_path / 'credit'}", "--seed", "0", "1", "--threads=1"]
-    )
+    data = f"--set=root={tmp_path / 'credit'}"
+    assert main(["baseline", f"--config={config}", data, "--models=ensemble", "--seed=0", "--threads=1"]) == 0
+    code = main(["baseline", f"--config={config}", data, "--models=hgb", "--seed", "0", "1", "--threads=1"])
     out = capsys.readouterr().out
     assert code == 0 and "NOT differentially private" in out
     neural = {k for k in _header(tmp_path / "runs" / "credit_dp") if k.startswith("val/")}
+    hgb_runs = sorted(p.name for p in (tmp_path / "runs" / "credit_dp_hgb").glob("version_*"))
+    assert hgb_runs == ["version_0", "version_1"]  # one per seed
     for name in ("credit_dp_hgb", "credit_dp_ensemble"):
         run = tmp_path / "runs" / name
-        assert sorted(p.name for p in run.glob("version_*")) == ["version_0", "version_1"]  # one per seed
         assert neural == {k for k in _header(run) if k.startswith("val/")}  # same names as SubgroupMetrics logs
         summary = json.loads((run / "version_0" / "summary.json").read_text())
         assert summary["differentially_private"] is False and summary["privacy"] is None

@@ -40,7 +40,7 @@ def test_source_pretraining_then_dp_head_fine_tuning(tmp_path, monkeypatch):
     """credit_source_nodp.yaml then credit_transfer_dp.yaml (head only) on a real-format fixture: the target run
     starts from the source checkpoint, trains under a DP optimizer, and changes the head only."""
     monkeypatch.chdir(tmp_path)
-    write_credit(tmp_path / "credit", n=1500)
+    write_credit(tmp_path / "credit", n=700)
     data = [f"--data.init_args.root={tmp_path / 'credit'}"]
     source = DplitCLI(args=["fit", f"--config={ROOT / 'configs' / 'credit_source_nodp.yaml'}", *FAST, *data])
     assert not any(isinstance(cb, DifferentialPrivacy) for cb in source.trainer.callbacks)

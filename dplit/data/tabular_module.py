@@ -20,6 +20,7 @@ split on its own with ``split_seed``, so the source's test rows never overlap th
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,16 @@ DPWarning = (
     "data.preprocessing: train fits the numeric scaling on the private training split, and these statistics are "
     "NOT covered by the DP guarantee; use `preprocessing: spec` (fixed ranges) or `source` (public source domain)"
 )
+
+
+_CACHE: OrderedDict[tuple, tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]] = OrderedDict()
+_CACHE_SIZE = 4
+
+
+def _freeze(*arrays: np.ndarray | None) -> None:
+    for array in arrays:
+        if array is not None:
+            array.flags.writeable = False
 
 
 class TabularDataModule(GroupedDataModule):
@@ -176,7 +187,7 @@ class TabularDataModule(GroupedDataModule):
         for name in self.required_files():
             if not (root / name).is_file():
                 raise FileNotFoundError(self.missing_message(root / name))
-        data, y, official_test = self.read(root)
+        data, y, official_test = self._read_cached(root)
         ids = np.stack([self.specs[g].assign(data) for g in self.groups], axis=1)  # [N, A]
         strata = y * len(self.specs[self.groups[0]].names) + ids[:, 0]
         rows = np.arange(len(y))
@@ -208,6 +219,21 @@ class TabularDataModule(GroupedDataModule):
         log.info("%s (%s domain, preprocessing %s): %d train / %d val / %d test rows", type(self).__name__,
                  self.domain, self.preprocessing, len(train), len(val), len(test))  # fmt: skip
         return splits
+
+    def _read_cached(self, root: Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
+        """``read(root)``, parsed once per process for unchanged files (key: class, paths, sizes, mtimes); the
+        cached arrays are read-only, so no DataModule can alter another's copy."""
+        stats = [(root / f).resolve().stat() for f in self.required_files()]
+        key = (type(self), str(root.resolve()), tuple((st.st_size, st.st_mtime_ns, st.st_ino) for st in stats))
+        if key not in _CACHE:
+            data, y, official_test = self.read(root)
+            _freeze(*data.values(), y, official_test)
+            _CACHE[key] = (data, y, official_test)
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end(key)
+        data, y, official_test = _CACHE[key]
+        return dict(data), y, official_test
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(x, y, group)`` of a split as numpy arrays (for scikit-learn baselines)."""
