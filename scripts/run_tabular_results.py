@@ -49,6 +49,12 @@ EXPERIMENTS = {
         "root": "tabular/german",
         "title": "German credit: source = applicants aged 40+ (public), target = under 40 (private)",
     },
+    "adult": {  # no transfer pair: scratch and baselines only
+        "source": None,
+        "target": "adult",
+        "root": "tabular/adult",
+        "title": "UCI Adult (whole training file; official adult.test), no transfer",
+    },
 }
 METHODS = ("scratch", "transfer-all", "transfer-head", "hgb", "ensemble")
 
@@ -110,7 +116,7 @@ def run_seed(name: str, exp: dict[str, Any], seed: int, args: argparse.Namespace
         print(f"[{name} s{seed}] {method:13s} {privacy:6s} acc {metrics['test/acc']:.4f} auc "
               f"{metrics['test/auc']:.4f} gap {metrics.get('test/acc_gap', float('nan')):.4f}", flush=True)  # fmt: skip
 
-    if not ckpt.is_file():
+    if exp["source"] is not None and not ckpt.is_file():
         cfg = prepare(load_config(exp["source"]), data_root, str(runs / f"source_s{seed}"), seed, args.source_epochs)
         cfg["trainer"]["callbacks"] = [
             c for c in cfg["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]
@@ -119,7 +125,8 @@ def run_seed(name: str, exp: dict[str, Any], seed: int, args: argparse.Namespace
         cli.trainer.save_checkpoint(ckpt)
     base = load_config(exp["target"] + "_dp")
     privacies = ["nodp"] + [f"eps{e:g}" for e in args.epsilons]
-    for method in ("scratch", "transfer-all", "transfer-head"):
+    neural = ("scratch", "transfer-all", "transfer-head") if exp["source"] is not None else ("scratch",)
+    for method in neural:
         for privacy in privacies:
             if (name, method, privacy, seed) in done:
                 continue
@@ -190,6 +197,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         lines += [f"### {EXPERIMENTS[name]['title']}", ""]
         head = ["method", "privacy", "ε (spent)", "seeds", "acc", "AUC"] + [f"acc {s}" for s in sexes]
         head += ["sex gap (pp)", "AUC gap sex"] + [f"acc age {a}" for a in ages] + ["age gap (pp)"]
+        race = any("test/acc_gap/race" in r["metrics"] for r in exp_rows)
+        head += ["race gap (pp)"] if race else []
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method in METHODS:
             for privacy in privacies:
@@ -205,12 +214,15 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 cells += [fmt([x.get("test/auc_gap/sex", x.get("test/auc_gap", math.nan)) for x in m])]
                 cells += [fmt([x.get(f"test/acc/age={a}", math.nan) for x in m]) for a in ages]
                 cells += [fmt([x.get("test/acc_gap/age", math.nan) for x in m])]
+                cells += [fmt([x.get("test/acc_gap/race", math.nan) for x in m])] if race else []
                 lines.append("| " + " | ".join(cells) + " |")
         first = exp_rows[0]["metrics"]
         counts = [f"{s} {first.get(f'test/count/group={s}', 0):.0f}" for s in sexes]
         counts += [f"age {a} {first.get(f'test/count/age={a}', 0):.0f}" for a in ages]
         lines += ["", f"Test rows per group: {', '.join(counts)}. Cells: mean ± half-width of the 95% t interval over "
                   "seeds (%; gaps and differences in pp).", ""]  # fmt: skip
+        if not any(r["method"] == "transfer-all" for r in exp_rows):
+            continue
         lines += ["Paired differences (transfer-all minus scratch, same seed), in pp:", ""]
         lines += ["| privacy | Δ acc | Δ AUC | Δ sex gap | Δ age gap |", "|---|---|---|---|---|"]
         for privacy in privacies:
