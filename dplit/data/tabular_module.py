@@ -164,6 +164,7 @@ class TabularDataModule(GroupedDataModule):
             self.fetch(root)
 
     def setup(self, stage: str | None = None) -> None:
+        """Loads the splits; warns when statistics fitted on the private training split meet a DP callback."""
         if self.preprocessing == "train":
             callbacks = getattr(getattr(self, "trainer", None), "callbacks", None) or []
             if any(type(cb).__name__ == "DifferentialPrivacy" for cb in callbacks):
