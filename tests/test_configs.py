@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from opacus.optimizers import DPOptimizer
+from tabular_fixtures import tabular_args
 from vision_fixtures import vision_data_args
 
 from dplit.callbacks import DifferentialPrivacy
@@ -77,7 +78,8 @@ def test_ddp_config_trains_a_few_steps(config, mnist_root, tmp_path):
 @pytest.mark.parametrize("config", SINGLE, ids=[c.name for c in SINGLE])
 def test_config_trains_a_few_steps(config, mnist_root, tweets_root, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)  # the configs write to runs/<name>/ relative to the working directory
-    cli = _run(["fit", f"--config={config}", *FAST, *_data_args(config, mnist_root, tweets_root, request)])
+    data_args = _data_args(config, mnist_root, tweets_root, request) + tabular_args(config, tmp_path)
+    cli = _run(["fit", f"--config={config}", *FAST, *data_args])
     assert cli.trainer.global_step == 3
     dp = [cb for cb in cli.trainer.callbacks if isinstance(cb, DifferentialPrivacy)]
     assert bool(dp) == ("_dp" in config.stem or config.stem == "quickstart")

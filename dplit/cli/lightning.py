@@ -44,9 +44,14 @@ class DplitCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Derived sizes come from the data, never written twice: the backbone's ``num_classes`` is the
-        DataModule's (a backbone without that argument is left alone)."""
+        DataModule's, and so is ``in_features`` for tabular data (a backbone or DataModule without them is left
+        alone)."""
         parser.link_arguments(
             "data.num_classes", "model.init_args.backbone.init_args.num_classes", apply_on="instantiate"
+        )
+        # tabular data: the encoded input width (data.num_features) is the backbone's in_features
+        parser.link_arguments(
+            "data.num_features", "model.init_args.backbone.init_args.in_features", apply_on="instantiate"
         )
 
     def parse_arguments(self, parser: Any, args: Any) -> None:

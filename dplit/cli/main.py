@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dplit.sweep.cli:main",
         "Grid of epsilons x seeds x DP algorithms (+ the non-DP twin), one run per cell; resumable; SLURM/W&B jobs.",
     ),
+    "baseline": ("dplit.baselines.cli:main", "NON-private scikit-learn baselines on a config's data, as report runs."),
     "audit": (
         "dplit.audit.cli:main",
         "Empirical privacy audit in one training run: a lower bound on epsilon from mislabelled canaries.",

@@ -5,6 +5,8 @@ from dplit.data.celeba import CelebADataModule
 from dplit.data.cifar import CIFARDataModule
 from dplit.data.fairface import FairFaceDataModule
 from dplit.data.mnist import ImbalancedMNISTDataModule
+from dplit.data.tabular_datasets import AdultDataModule, CreditDefaultDataModule, GermanCreditDataModule
+from dplit.data.tabular_module import TabularDataModule
 from dplit.data.tweets import TweetsDataModule
 from dplit.data.utkface import UTKFaceDataModule
 
@@ -12,9 +14,13 @@ __all__ = [
     "CIFARDataModule",
     "CelebADataModule",
     "FairFaceDataModule",
+    "AdultDataModule",
+    "CreditDefaultDataModule",
+    "GermanCreditDataModule",
     "GroupedDataModule",
     "GroupedTensorDataset",
     "ImbalancedMNISTDataModule",
+    "TabularDataModule",
     "TweetsDataModule",
     "UTKFaceDataModule",
     "eval_dataloader",

@@ -4,6 +4,7 @@ from dplit.models.bilstm import BiLSTMClassifier
 from dplit.models.cnn import MnistCNN
 from dplit.models.embedding import HashedWordEmbedding
 from dplit.models.lstm import LSTM, LSTMScan
+from dplit.models.mlp import TabularMLP
 from dplit.models.resnet import ResNet18GN
 from dplit.models.timm_backbone import TimmBackbone
 from dplit.models.transformer import TransformerClassifier
@@ -16,5 +17,6 @@ __all__ = [
     "MnistCNN",
     "ResNet18GN",
     "TimmBackbone",
+    "TabularMLP",
     "TransformerClassifier",
 ]
