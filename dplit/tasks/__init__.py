@@ -1,6 +1,7 @@
 """LightningModules, one per task family. No DP code in here, ever."""
 
 from dplit.tasks.base import GroupedTask, default_optimizer
+from dplit.tasks.causal_lm import CausalLMTask
 from dplit.tasks.classification import ClassificationTask
 
-__all__ = ["ClassificationTask", "GroupedTask", "default_optimizer"]
+__all__ = ["CausalLMTask", "ClassificationTask", "GroupedTask", "default_optimizer"]
