@@ -91,9 +91,15 @@ def _data(tmp_path: Path, cda: bool, batch_size: int) -> LMCorpusDataModule:
 
 
 class Recording(CausalLMTask):
+    """Keeps every physical batch of the step (virtual steps split a logical batch into several)."""
+
     def training_step(self, batch, batch_idx):
-        self.seen = [t.clone() for t in batch]
+        self.batches = [*getattr(self, "batches", []), [t.clone() for t in batch]]
         return super().training_step(batch, batch_idx)
+
+    @property
+    def seen(self) -> list[torch.Tensor]:
+        return [torch.cat(parts) for parts in zip(*self.batches, strict=True)]
 
 
 def unit_grads(model: CausalLM, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -110,8 +116,9 @@ def unit_grads(model: CausalLM, ids: torch.Tensor, labels: torch.Tensor) -> torc
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["gpt2", "llama"])
-def test_dp_clips_a_block_and_its_counterfactual_as_one_unit(tmp_path: Path, config):
+@pytest.mark.parametrize(("config", "physical"), [(GPT2, None), (LLAMA, None), (LLAMA, 2)],
+                         ids=["gpt2", "llama", "llama-virtual-steps"])  # fmt: skip
+def test_dp_clips_a_block_and_its_counterfactual_as_one_unit(tmp_path: Path, config, physical):
     data = _data(tmp_path, cda=True, batch_size=1)
     n = data.train_size
     data.batch_size = n  # Poisson with q = 1: every unit in the one step
@@ -120,11 +127,14 @@ def test_dp_clips_a_block_and_its_counterfactual_as_one_unit(tmp_path: Path, con
     before = [p.detach().clone() for p in task.backbone.parameters()]
     reference = CausalLM(config={**config, "vocab_size": vocab})
     c = 0.5
-    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=c, grad_sample_mode="hooks")
-    trainer(tmp_path, [dp], max_steps=1).fit(task, datamodule=data)
+    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=c, grad_sample_mode="hooks",
+                             max_physical_batch_size=physical)  # fmt: skip
+    trainer(tmp_path, [dp], max_epochs=1).fit(task, datamodule=data)  # q = 1: one logical step an epoch
+    assert dp.accountant.steps == 1
     update = torch.cat([(b - a.detach()).reshape(-1) for b, a in zip(before, task.backbone.parameters(), strict=True)])
     ids, labels, group = task.seen
-    assert ids.shape[1] == 2 and len(group) == len(ids)  # K = 2 rows, one group id per unit
+    assert ids.shape[1] == 2 and len(group) == len(ids) == n  # K = 2 rows, one group id per unit; q = 1
+    assert len(task.batches) == (1 if physical is None else math.ceil(n / physical))
     reference.load_state_dict(dict(zip(dict(reference.named_parameters()), before, strict=True)), strict=False)
     grads = unit_grads(reference, ids, labels)
     norms = grads.norm(dim=1)
