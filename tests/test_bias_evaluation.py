@@ -107,3 +107,11 @@ def test_vader_scorer_when_installed():
     pytest.importorskip("vaderSentiment", reason="VADER not installed (pip install vaderSentiment, or dplit[lm])")
     positive, negative, neutral = bias_eval.vader_scorer()(["What a wonderful actor!", "A terrible, awful film.", "a"])
     assert positive >= 0.5 and negative <= -0.5 and neutral == 0.0
+
+
+def test_limit_draws_a_fixed_spread_subset():
+    callback = bias_eval.BiasEvaluation(root=".", limit=5)
+    items = list(range(100))
+    first, again = callback._take(items), callback._take(items)
+    assert first == again == sorted(first) and len(set(first)) == 5 and max(first) > 5
+    assert bias_eval.BiasEvaluation(root=".")._take(items) == items

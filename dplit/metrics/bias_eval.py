@@ -16,6 +16,7 @@ Everything runs on every rank (cheap for the sizes configured); values are ident
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +52,7 @@ class BiasEvaluation(Callback):
     Args:
         root: Folder laid out like ``../shared/data/lm_bias``.
         benchmarks: Which benchmarks to run.
-        limit: Items per benchmark (the first ones in file order; None for all).
+        limit: Items per benchmark, drawn once with a fixed seed (the same every epoch and run; None for all).
         bold_domains: BOLD domains whose prompts are continued.
         swap_files: Word-pair files (under ``root``) for the perplexity gap.
         toxicity_model: A local Hugging Face toxicity classifier folder; None uses the ``alt-profanity-check``
@@ -101,7 +102,10 @@ class BiasEvaluation(Callback):
             trainer.logger.log_hyperparams({"bias_generation": self.generation.record()})
 
     def _take(self, items: list[Any]) -> list[Any]:
-        return items[: self.limit] if self.limit is not None else items
+        """All items, or ``limit`` of them drawn with a fixed seed (file order kept; the same every epoch)."""
+        if self.limit is None or self.limit >= len(items):
+            return items
+        return [items[i] for i in sorted(random.Random(0).sample(range(len(items)), self.limit))]
 
     def _bold_scorers(self) -> tuple[Any, Any, str]:
         if self._scorers is None:
