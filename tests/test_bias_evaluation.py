@@ -74,7 +74,7 @@ def test_validation_logs_every_benchmark_under_bias(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(bias_eval, "vader_scorer", lambda: lambda ts: [0.5] * len(ts))
     monkeypatch.setattr(bias_eval, "profanity_scorer", lambda: lambda ts: scored.extend(ts) or [0.0] * len(ts))
     settings = GenerationSettings(max_new_tokens=3, seed=7)
-    callback = bias_eval.BiasEvaluation(root=str(root), generation=settings)
+    callback = bias_eval.BiasEvaluation(generation=settings)  # root: the DataModule's
     metrics = trainer(tmp_path, [callback], limit_val_batches=None).validate(task, datamodule=data, verbose=False)[0]
     model, tokenizer = task.backbone, data.tokenizer
     stereo = evaluate_stereoset(model, tokenizer, read_stereoset(root / "stereoset" / "dev.json"))

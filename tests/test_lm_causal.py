@@ -184,3 +184,23 @@ def test_non_private_fit_lowers_the_training_loss(tmp_path: Path):
         before = float(task.criterion(*task.forward_batch(batch)[:2]))
         trainer(tmp_path, [], max_steps=6, max_epochs=20).fit(task, datamodule=data)
         assert float(task.criterion(*task.forward_batch(batch)[:2])) < before - 0.5
+
+
+class BatchSizes(CausalLMTask):
+    def training_step(self, batch, batch_idx):
+        self.sizes = [*getattr(self, "sizes", []), len(batch[2])]
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_empty_poisson_batch_trains_with_zero_gradient_and_noise(tmp_path: Path):
+    model = CausalLM(config={**LLAMA, "vocab_size": 16})
+    empty = torch.zeros(0, 8, dtype=torch.int64)
+    logits = model(empty)
+    assert logits.shape == (0, 8, 16)
+    TokenCrossEntropy()(logits, empty).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    data = _data(tmp_path, cda=True, batch_size=1)  # q = 1/N: empty batches are likely
+    task = BatchSizes(CausalLM(config={**LLAMA, "vocab_size": len(data.tokenizer)}))
+    dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks", insecure_testing_seed=0)
+    trainer(tmp_path, [dp], max_epochs=2).fit(task, datamodule=data)
+    assert 0 in task.sizes and dp.accountant.steps == len(task.sizes)

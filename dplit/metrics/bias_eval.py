@@ -50,7 +50,7 @@ class BiasEvaluation(Callback):
     """Bias benchmarks of the task's causal LM, every ``every_n_epochs`` validation epochs and at test.
 
     Args:
-        root: Folder laid out like ``../shared/data/lm_bias``.
+        root: Folder laid out like ``../shared/data/lm_bias``; default: the DataModule's ``root``.
         benchmarks: Which benchmarks to run.
         limit: Items per benchmark, drawn once with a fixed seed (the same every epoch and run; None for all).
         bold_domains: BOLD domains whose prompts are continued.
@@ -64,7 +64,7 @@ class BiasEvaluation(Callback):
 
     def __init__(
         self,
-        root: str,
+        root: str | None = None,
         benchmarks: list[Benchmark] | None = None,
         limit: int | None = None,
         bold_domains: list[str] | None = None,
@@ -81,7 +81,7 @@ class BiasEvaluation(Callback):
             raise ValueError(f"BiasEvaluation: unknown benchmarks {sorted(unknown)}")
         if every_n_epochs < 1 or (limit is not None and limit < 1):
             raise ValueError("BiasEvaluation: every_n_epochs and limit must be >= 1")
-        self.root = Path(root)
+        self.root = Path(root) if root is not None else None
         self.benchmarks = chosen
         self.limit = limit
         self.bold_domains = list(bold_domains or ["gender"])
@@ -98,6 +98,12 @@ class BiasEvaluation(Callback):
             raise ValueError("BiasEvaluation needs a task whose `backbone` is a dplit.models.CausalLM")
         if getattr(getattr(trainer, "datamodule", None), "tokenizer", None) is None:
             raise ValueError("BiasEvaluation needs a DataModule with a `tokenizer` (dplit.data.LMCorpusDataModule)")
+        if self.root is None:
+            data_root = getattr(getattr(trainer, "datamodule", None), "root", None)
+            if data_root is None:
+                raise ValueError("BiasEvaluation: set `root` (a folder laid out like ../shared/data/lm_bias) or use "
+                                 "a DataModule with `root`")  # fmt: skip
+            self.root = Path(data_root)
         if trainer.is_global_zero and trainer.logger is not None:
             trainer.logger.log_hyperparams({"bias_generation": self.generation.record()})
 
@@ -120,24 +126,27 @@ class BiasEvaluation(Callback):
         """All configured benchmarks: ``{"bias/<metric>/group=<name>" | "bias/<summary>": value}``."""
         model: Any = pl_module.backbone
         tokenizer = datamodule.tokenizer
+        root = self.root
+        if root is None:
+            raise RuntimeError("BiasEvaluation.evaluate before setup: no benchmark root")
         out: dict[str, float] = {}
         if "stereoset" in self.benchmarks:
-            items = self._take(read_stereoset(benchmark_file(self.root, "stereoset")))
+            items = self._take(read_stereoset(benchmark_file(root, "stereoset")))
             for group, scores in evaluate_stereoset(model, tokenizer, items).items():
                 for name in ("ss", "lms", "icat"):
                     out[f"bias/stereoset_{name}/group={group}"] = scores[name]
         if "crows_pairs" in self.benchmarks:
-            pairs = self._take(read_crows_pairs(benchmark_file(self.root, "crows_pairs")))
+            pairs = self._take(read_crows_pairs(benchmark_file(root, "crows_pairs")))
             for group, score in evaluate_crows_pairs(model, tokenizer, pairs).items():
                 out[f"bias/crows/group={group}"] = score
         if "perplexity_gap" in self.benchmarks:
             from dplit.text.cda import WordSwapper
 
             split = "dev" if stage == "val" else "test"
-            files = [benchmark_file(self.root, "winobias", stereotype=s, type=t, split=split)
+            files = [benchmark_file(root, "winobias", stereotype=s, type=t, split=split)
                      for s in ("pro", "anti") for t in ("1", "2")]  # fmt: skip
             sentences = self._take([it.text for f in files for it in read_winobias(f)])
-            swap = WordSwapper([self.root / f for f in self.swap_files]).swap
+            swap = WordSwapper([root / f for f in self.swap_files]).swap
             gap = evaluate_perplexity_gap(model, tokenizer, sentences, swap)
             out.update({"bias/ppl_original": gap["ppl_original"], "bias/ppl_swapped": gap["ppl_swapped"],
                         "bias/ppl_gap": gap["gap"]})  # fmt: skip
@@ -145,7 +154,7 @@ class BiasEvaluation(Callback):
             held = getattr(datamodule, "held_out_split", None) if getattr(datamodule, "corpus", "") == "bold" else None
             prompts = []
             for domain in self.bold_domains:
-                texts = read_bold(benchmark_file(self.root, "bold_prompts", domain=domain), domain)
+                texts = read_bold(benchmark_file(root, "bold_prompts", domain=domain), domain)
                 prompts += [t for t in texts if held is None or held(domain, t.entity) == stage]
             prompts = self._take(prompts)
             continuations = generate(model.lm, tokenizer, [p.text for p in prompts], self.generation)

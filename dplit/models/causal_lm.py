@@ -255,6 +255,12 @@ class CausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        """Logits [N, T, V] for right-padded ids [N, T] (causal attention: pads never reach earlier tokens)."""
+        """Logits [N, T, V] for right-padded ids [N, T] (causal attention: pads never reach earlier tokens).
+
+        An empty batch (N = 0, as Poisson sampling draws) runs one all-zero row and returns none of it: Hugging Face
+        attention cannot reshape zero rows, and per-sample hooks need the layers to run; that row's gradient is 0.
+        """
+        if input_ids.shape[0] == 0:
+            return self.forward(input_ids.new_zeros(1, max(input_ids.shape[1], 1)))[:0]
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids).contiguous()
         return self.lm(input_ids=input_ids, position_ids=positions, use_cache=False).logits
