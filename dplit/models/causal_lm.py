@@ -259,6 +259,8 @@ class CausalLM(nn.Module):
 
         An empty batch (N = 0, as Poisson sampling draws) runs one all-zero row and returns none of it: Hugging Face
         attention cannot reshape zero rows, and per-sample hooks need the layers to run; that row's gradient is 0.
+        The privacy core then sees one zero-norm row in that batch: algorithms that release noisy counts (adaptive
+        clipping, DPSGD-F) count it once (a data-independent +1, no leak).
         """
         if input_ids.shape[0] == 0:
             return self.forward(input_ids.new_zeros(1, max(input_ids.shape[1], 1)))[:0]
