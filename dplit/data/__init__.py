@@ -4,6 +4,7 @@ from dplit.data.base import GroupedDataModule, GroupedTensorDataset, eval_datalo
 from dplit.data.celeba import CelebADataModule
 from dplit.data.cifar import CIFARDataModule
 from dplit.data.fairface import FairFaceDataModule
+from dplit.data.lm_bias import LMCorpusDataModule
 from dplit.data.mnist import ImbalancedMNISTDataModule
 from dplit.data.tabular_datasets import AdultDataModule, CreditDefaultDataModule, GermanCreditDataModule
 from dplit.data.tabular_module import TabularDataModule
@@ -21,6 +22,7 @@ __all__ = [
     "GroupedTensorDataset",
     "ImbalancedMNISTDataModule",
     "TabularDataModule",
+    "LMCorpusDataModule",
     "TweetsDataModule",
     "UTKFaceDataModule",
     "eval_dataloader",

@@ -1,6 +1,7 @@
 """Plain ``nn.Module`` backbones (no Lightning, no DP code)."""
 
 from dplit.models.bilstm import BiLSTMClassifier
+from dplit.models.causal_lm import CausalLM
 from dplit.models.cnn import MnistCNN
 from dplit.models.embedding import HashedWordEmbedding
 from dplit.models.lstm import LSTM, LSTMScan
@@ -12,11 +13,12 @@ from dplit.models.transformer import TransformerClassifier
 __all__ = [
     "LSTM",
     "BiLSTMClassifier",
+    "CausalLM",
     "HashedWordEmbedding",
     "LSTMScan",
     "MnistCNN",
     "ResNet18GN",
-    "TimmBackbone",
     "TabularMLP",
+    "TimmBackbone",
     "TransformerClassifier",
 ]

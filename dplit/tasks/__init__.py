@@ -1,7 +1,8 @@
 """LightningModules, one per task family. No DP code in here, ever."""
 
 from dplit.tasks.base import GroupedTask, default_optimizer
+from dplit.tasks.causal_lm import CausalLMTask
 from dplit.tasks.classification import ClassificationTask
 from dplit.tasks.vision import MultiViewClassificationTask
 
-__all__ = ["ClassificationTask", "GroupedTask", "MultiViewClassificationTask", "default_optimizer"]
+__all__ = ["CausalLMTask", "ClassificationTask", "GroupedTask", "MultiViewClassificationTask", "default_optimizer"]

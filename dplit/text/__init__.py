@@ -1,1 +1,5 @@
-"""Text utilities shared by the tweet DataModule and the text backbones (public vocabularies, word hashing)."""
+"""Text utilities shared by the text DataModules and backbones (public vocabularies, word hashing, CDA)."""
+
+from dplit.text.cda import WordSwapper
+
+__all__ = ["WordSwapper"]
