@@ -69,13 +69,13 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
     rows = {s["method"]: s for s in report["settings"]}
     ref = rows.get("nodp")
     lines = [
-        "| method | epsilon | overall | class 8 | class 2 | worst class | class-8 cost vs non-DP (points) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | seeds run | epsilon | overall | class 8 | class 2 | worst class | class-8 cost vs non-DP (pts) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method in args.methods:
         s = rows.get(method)
         if s is None:
-            lines.append(f"| {method} | not run | | | | | |")
+            lines.append(f"| {method} | 0 | not run | | | | | |")
             continue
         eps = s["epsilon"]["mean"] if s.get("epsilon") and s["epsilon"].get("mean") is not None else None
         g8 = s["group_acc"].get("8")
@@ -83,7 +83,7 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
         if ref is not None and g8 and method != "nodp":
             cost = f"{100 * (ref['group_acc']['8']['mean'] - g8['mean']):.1f}"
         lines.append(
-            f"| {method} | {'—' if eps is None else f'{eps:.2f}'} | {fmt(s['overall_acc'])} | {fmt(g8)} | "
+            f"| {method} | {s['n']} | {'—' if eps is None else f'{eps:.2f}'} | {fmt(s['overall_acc'])} | {fmt(g8)} | "
             f"{fmt(s['group_acc'].get('2'))} | {fmt(s['worst_group_acc'])} | {cost} |"
         )
     paper = [
@@ -101,7 +101,9 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
             "# Mitigating disparate impact: imbalanced MNIST (Bagdasaryan & Shmatikov 2019, section 5)",
             "",
             f"Written by `scripts/reproduce_mnist_disparate_impact.py` on {time.strftime('%Y-%m-%d')}. **Scale: "
-            f"{args.epochs} epoch(s) per run (the paper: 60), {n} seed(s) ({', '.join(map(str, args.seeds))}), "
+            f"{args.epochs} epoch(s) per run (the paper: 60), {n} seed(s) requested "
+            f"({', '.join(map(str, args.seeds))}; "
+            "the `seeds run` column says how many completed), "
             f"{platform.machine()} CPU ({_cores()} cores), {minutes:.0f} min for this invocation (cells finished by "
             "earlier invocations are skipped).** Real MNIST from "
             f"`{args.root}` (class 8 cut to 500 training examples, N = 54,649), the paper's CNN "
@@ -130,6 +132,16 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
             "Plots (from `dplit report` on the sweep): `pareto.png` (overall vs worst-class accuracy, one marker per "
             "method, intervals across seeds) and `accuracy_vs_epsilon.png`.",
             "",
+            *(
+                [
+                    "**Not run yet** (the table above covers only completed cells): "
+                    + ", ".join(f"`{c['cell']}`" for c in report["incomplete"])
+                    + ". Rerun the command to continue; finished cells are skipped.",
+                    "",
+                ]
+                if report.get("incomplete")
+                else []
+            ),
         ]
     )
 
@@ -152,13 +164,18 @@ def main() -> int:
     parser.add_argument("--momentum", type=float, default=0.5, help="SGD momentum (seed code: 0.5)")
     parser.add_argument("--fit-arg", action="append", default=[], help="extra `dplit fit` argument (repeatable)")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument(
+        "--report-only", action="store_true", help="run no cell: write the table from the cells completed so far"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     spec_path = args.out / "reproduce_spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec(args), sort_keys=False))
     dplit = [sys.executable, "-m", "dplit.cli"]
     start = time.time()
-    code = run([*dplit, "sweep", "--spec", str(spec_path), *(["--dry-run"] if args.dry_run else [])])
+    code = 0
+    if not args.report_only:
+        code = run([*dplit, "sweep", "--spec", str(spec_path), *(["--dry-run"] if args.dry_run else [])])
     if args.dry_run:
         return code
     minutes = (time.time() - start) / 60
