@@ -12,7 +12,7 @@ import yaml
 from scipy import stats
 
 from dplit.cli.main import main
-from dplit.sweep.aggregate import t_interval
+from dplit.report.stats import mean_ci
 from dplit.sweep.cells import expand
 from dplit.sweep.run import write_manifest
 from dplit.sweep.spec import SweepSpec
@@ -133,7 +133,7 @@ def test_sweep_report_without_completed_cells_is_an_error(tmp_path, capsys):
 
 def test_t_interval_matches_scipy_and_handles_small_samples():
     x = [0.61, 0.58, 0.66, 0.70]
-    est = t_interval(x)
+    est = mean_ci(x)
     low, high = stats.t.interval(0.95, 3, loc=np.mean(x), scale=stats.sem(x))
     assert (est.mean - est.half, est.mean + est.half, est.n) == pytest.approx((low, high, 4))
-    assert t_interval([0.5]).half is None and t_interval([0.5, 0.5]).half == 0.0
+    assert mean_ci([0.5]).half is None and mean_ci([0.5, 0.5]).half == 0.0

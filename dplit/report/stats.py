@@ -1,7 +1,6 @@
 """Statistics for the report: Student t quantiles, mean and 95% CI across seeds, Spearman rho, per-group summaries.
 
-Self-contained (``math`` and ``numpy``): the t distribution goes through the regularized incomplete beta function,
-so quantiles are exact for any (also non-integer, Welch) degrees of freedom.
+Student t quantiles come from ``scipy.stats`` (a dependency of opacus); the sweep's intervals use the same functions.
 """
 
 from __future__ import annotations
@@ -11,69 +10,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 from dplit.report.runs import Run, natural_key
 
 CONFIDENCE = 0.95
 
 
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta function I_x(a, b) (continued fraction, Numerical Recipes' ``betacf``)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        for aa in (
-            m * (b - m) * x / ((a - 1.0 + 2 * m) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 1.0 + 2 * m)),
-        ):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def t_sf(t: float, df: float) -> float:
-    """Survival function P(T > t) of Student's t with ``df`` degrees of freedom."""
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return tail if t >= 0 else 1.0 - tail
-
-
 def t_quantile(p: float, df: float) -> float:
-    """Quantile (inverse CDF) of Student's t: the t with P(T <= t) = p, by bisection on the upper tail."""
+    """Quantile (inverse CDF) of Student's t with ``df`` (also non-integer, Welch) degrees of freedom."""
     if not 0.0 < p < 1.0 or not df > 0:
         raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    tail = 1.0 - p
-    lo, hi = 0.0, 1.0
-    while t_sf(hi, df) > tail:
-        lo, hi = hi, 2.0 * hi
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_sf(mid, df) > tail:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-13 * hi:
-            break
-    return 0.5 * (lo + hi)
+    return float(scipy_stats.t.ppf(p, df))
 
 
 @dataclass(frozen=True)
@@ -93,7 +41,8 @@ def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate
     if x.size < 2:
         return Estimate(float(x.mean()), None, 1)
     sem = float(x.std(ddof=1)) / math.sqrt(x.size)
-    return Estimate(float(x.mean()), t_quantile((1 + confidence) / 2, x.size - 1) * sem, int(x.size))
+    half = t_quantile((1 + confidence) / 2, x.size - 1) * sem if sem > 0 else 0.0
+    return Estimate(float(x.mean()), half, int(x.size))
 
 
 def difference_ci(

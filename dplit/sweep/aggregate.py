@@ -9,31 +9,15 @@ completed, readable run are kept as ``Incomplete`` with the reason, never droppe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from scipy import stats
-
 from dplit.report.runs import Run, load_run, natural_key
 from dplit.report.select import ReportError
-from dplit.report.stats import CONFIDENCE, Estimate
+from dplit.report.stats import CONFIDENCE, Estimate, mean_ci
 from dplit.sweep.run import completed_run, folder_status
 from dplit.sweep.spec import NODP
-
-
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
-    """Mean and the half-width of its Student t interval across seeds (``scipy.stats.t``); no interval for n=1."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        raise ValueError("t_interval needs at least one value")
-    if x.size == 1:
-        return Estimate(float(x[0]), None, 1)
-    sem = float(stats.sem(x))
-    half = float(stats.t.ppf((1 + confidence) / 2, x.size - 1)) * sem if sem > 0 else 0.0
-    return Estimate(float(x.mean()), half, int(x.size))
 
 
 @dataclass
@@ -128,7 +112,7 @@ def cell_status_from_folder(folder: Path) -> str:
 
 def _estimate_groups(runs: list[Run], split: str) -> dict[str, Estimate]:
     groups = sorted(runs[0].groups(split), key=natural_key)
-    return {g: t_interval([r.group_acc(split)[g] for r in runs]) for g in groups}
+    return {g: mean_ci([r.group_acc(split)[g] for r in runs]) for g in groups}
 
 
 def aggregate(cells: list[CellRun], split: str, confidence: float = CONFIDENCE) -> list[Setting]:
@@ -157,9 +141,9 @@ def aggregate(cells: list[CellRun], split: str, confidence: float = CONFIDENCE) 
                 noise_multiplier=key[2],
                 cells=[c.name for c in group],
                 seeds=[c.seed for c in group],
-                epsilon=t_interval(eps, confidence) if eps and key[0] != NODP else None,
-                overall=t_interval(overall, confidence) if overall else None,
-                worst=t_interval([min(r.group_acc(split).values()) for r in runs], confidence),
+                epsilon=mean_ci(eps, confidence) if eps and key[0] != NODP else None,
+                overall=mean_ci(overall, confidence) if overall else None,
+                worst=mean_ci([min(r.group_acc(split).values()) for r in runs], confidence),
                 groups=_estimate_groups(runs, split),
             )
         )
@@ -200,4 +184,4 @@ def to_json(settings: list[Setting], cells: list[CellRun], split: str, confidenc
     }
 
 
-__all__ = ["CellRun", "Setting", "aggregate", "read_cells", "t_interval", "to_json"]
+__all__ = ["CellRun", "Setting", "aggregate", "read_cells", "to_json"]
