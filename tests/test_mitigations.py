@@ -290,8 +290,8 @@ def test_per_group_rules_need_groups_and_ids_within_the_group_names():
     cfg = PrivacyConfig(noise_multiplier=1.0, algorithm="dpsgd_f")
     kwargs = dict(noise_multiplier=1.0, sample_rate=0.1, dataset_size=10, generator=None)
     with pytest.raises(PrivacyConfigError, match="declares no `group_names`"):
-        build_algorithm(cfg, group_names=[], world_size=1, **kwargs)
-    a = build_algorithm(cfg, group_names=["a", "b"], world_size=1, **kwargs)
+        build_algorithm(cfg, group_names=[], **kwargs)
+    a = build_algorithm(cfg, group_names=["a", "b"], **kwargs)
     with pytest.raises(RuntimeError, match="group id 2 is outside the DataModule's 2 `group_names`"):
         a.clip_factors(torch.ones(2), torch.tensor([0, 2]))
 

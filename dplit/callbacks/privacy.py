@@ -169,7 +169,6 @@ class DifferentialPrivacy(Callback):
             sample_rate=q,
             dataset_size=plan.dataset_size,
             group_names=names,
-            world_size=trainer.world_size,
             generator=noise_rng,
         )
         if self._restored_algorithm is not None:

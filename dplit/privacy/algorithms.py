@@ -113,13 +113,12 @@ def build_algorithm(
     sample_rate: float,
     dataset_size: int,
     group_names: list[str],
-    world_size: int,
     generator: Any,
 ) -> DPAlgorithm:
     """The configured algorithm (a ``PrivacyConfig``'s ``algorithm`` and hyper-parameters) for one fit.
 
-    Refuses a per-group rule without group names. ``world_size`` is kept for algorithms that cannot run under DDP
-    (every registered one can: noisy statistics are summed across ranks and noised once, see ``mitigations``).
+    Refuses a per-group rule without group names. Every registered algorithm runs under DDP (noisy statistics are
+    summed across ranks and noised once, see ``mitigations``).
     """
     from dplit.privacy.config import PrivacyConfigError
 
