@@ -37,7 +37,9 @@ def leaf_doc(**overrides: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "users": ["a"],
         "num_samples": [2],
-        "user_data": {"a": {"x": [["1", "d", "q", "a", "hi there", "t"], ["2", "d", "q", "a", "bye", "t"]], "y": [1, 0]}},
+        "user_data": {
+            "a": {"x": [["1", "d", "q", "a", "hi there", "t"], ["2", "d", "q", "a", "bye", "t"]], "y": [1, 0]}
+        },
     }
     for key, value in overrides.items():
         if value is None:
@@ -87,7 +89,9 @@ def write_shakespeare(root: Path, repeat: int = 6) -> Path:
     """Two plays: a modern-layout one (plus its Folio twin, which must be skipped) and a Folio-only one."""
     root.mkdir(parents=True, exist_ok=True)
     line = "Now is the winter of our discontent made glorious summer by this sun of York. "
-    (root / "testus_gut.txt").write_text(MODERN_PLAY.format(alpha=line * repeat, beta="Short reply, my lord. " * repeat))
+    (root / "testus_gut.txt").write_text(
+        MODERN_PLAY.format(alpha=line * repeat, beta="Short reply, my lord. " * repeat)
+    )
     (root / "testus_gut_f.txt").write_text(FOLIO_PLAY.format(gamma="Folio twin " * repeat, delta="skip me " * repeat))
     (root / "gamma_gut_f.txt").write_text(
         FOLIO_PLAY.format(gamma="What light through yonder window breaks? " * repeat, delta="It is the east. " * repeat)

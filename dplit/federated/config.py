@@ -165,7 +165,10 @@ def _need(ok: bool, message: str) -> None:
 def validate(cfg: FedRunConfig) -> None:
     """Refuses impossible values, naming the key and the fix."""
     d, f, p = cfg.data, cfg.federated, cfg.privacy
-    _need(d.dataset in ("sent140", "shakespeare", "reddit"), f"data.dataset must be sent140/shakespeare/reddit, got {d.dataset!r}")  # noqa: E501
+    _need(
+        d.dataset in ("sent140", "shakespeare", "reddit"),
+        f"data.dataset must be sent140/shakespeare/reddit, got {d.dataset!r}",
+    )  # noqa: E501
     _need(d.min_samples >= 2, f"data.min_samples must be >= 2 (a training and a held-out sample), got {d.min_samples}")
     _need(0 < d.eval_fraction < 1, f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
     for key in ("size_bins", "vocab_bins"):

@@ -129,9 +129,12 @@ def _load(key: str) -> FederatedData:
             "split: point `data.root` at the dataset or lower the threshold"
         )
     data = FederatedData(users, 2 if cfg.dataset == "sent140" else NUM_CHARS)
-    for attr, edges, value in (("size", cfg.size_bins, lambda u: len(u.y_train)), ("vocab", cfg.vocab_bins, lambda u: u.vocab)):  # fmt: skip
+    for attr, edges, values in (
+        ("size", cfg.size_bins, [len(u.y_train) for u in users]),
+        ("vocab", cfg.vocab_bins, [u.vocab for u in users]),
+    ):
         data.buckets[attr] = bin_names(edges)
-        data.user_bucket[attr] = [bin_index(value(u), edges) for u in users]
+        data.user_bucket[attr] = [bin_index(v, edges) for v in values]
     return data
 
 

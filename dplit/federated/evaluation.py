@@ -37,7 +37,9 @@ def evaluate(task: GroupedTask, data: FederatedData, primary: str, batch_size: i
         [[data.user_bucket[a][i] for a in attrs] for i, u in enumerate(data.users) for _ in range(len(u.y_eval))],
         dtype=torch.long,
     ).reshape(-1, len(attrs))  # [M, A]
-    metrics = {a: GroupMetrics(len(data.buckets[a]), data.num_classes, compute_auc=data.num_classes == 2) for a in attrs}
+    metrics = {
+        a: GroupMetrics(len(data.buckets[a]), data.num_classes, compute_auc=data.num_classes == 2) for a in attrs
+    }
     task.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(y), batch_size):

