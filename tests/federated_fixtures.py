@@ -98,3 +98,37 @@ def write_shakespeare(root: Path, repeat: int = 6) -> Path:
     )
     (root / "sonnets_gut.txt").write_text("THE SONNETS\n\nFrom fairest creatures we desire increase,\n")
     return root
+
+
+class LocalGrid:
+    """An in-process Flower ``Grid``: messages go straight to a real ``ClientApp`` (no Ray), one node per user.
+
+    Args:
+        client_app: the ClientApp under test.
+        num_nodes: connected nodes (node i holds partition-id i).
+        crash: partition ids whose client raises (the reply is an error message, as Flower sends one).
+    """
+
+    def __init__(self, client_app: Any, num_nodes: int, crash: frozenset[int] = frozenset()) -> None:
+        self.app, self.crash = client_app, crash
+        self.nodes = {1000 + i: i for i in range(num_nodes)}
+        self.sent: list[list[int]] = []  # partition ids messaged, per round
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        from flwr.app import Context, Error, RecordDict
+
+        replies, sent = [], []
+        for msg in messages:
+            pid = self.nodes[msg.metadata.dst_node_id]
+            sent.append(pid)
+            if pid in self.crash:
+                replies.append(msg.create_error_reply(Error(code=1, reason=f"client {pid} crashed")))
+                continue
+            context = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={"partition-id": pid},
+                              state=RecordDict(), run_config={})  # fmt: skip
+            replies.append(self.app(msg, context))
+        self.sent.append(sent)
+        return replies
