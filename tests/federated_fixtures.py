@@ -110,6 +110,10 @@ class LocalGrid:
     """
 
     def __init__(self, client_app: Any, num_nodes: int, crash: frozenset[int] = frozenset()) -> None:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        # What Flower's ServerApp runtime sets for the process before the app builds messages (the server's ids).
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.app, self.crash = client_app, crash
         self.nodes = {1000 + i: i for i in range(num_nodes)}
         self.sent: list[list[int]] = []  # partition ids messaged, per round

@@ -134,7 +134,9 @@ def test_no_usable_user_is_a_clear_error(tmp_path):
         load_data(DataConfig(root=str(root)))
 
 
-@pytest.mark.skipif(not (SHARED / "leaf_sent140").is_dir(), reason="../shared/data/leaf_sent140 absent (real LEAF data)")
+@pytest.mark.skipif(
+    not (SHARED / "leaf_sent140").is_dir(), reason="../shared/data/leaf_sent140 absent (real LEAF data)"
+)
 def test_real_sent140_counts():
     users = read_leaf(SHARED / "leaf_sent140")
     assert len(users) == 2875 and sum(len(u.y) for u in users) == 16025

@@ -35,7 +35,9 @@ def main(argv: list[str]) -> int:
         return error_exit(f"{type(err).__name__}: {err}")
     eps = outcome.last.get("privacy/epsilon")
     privacy = f", user-level epsilon {eps:.3f}" if eps is not None else " (non-private)"
-    print(f"federated run written to {outcome.run_dir}: val/acc {outcome.last.get('val/acc', float('nan')):.4f}{privacy}")
+    print(
+        f"federated run written to {outcome.run_dir}: val/acc {outcome.last.get('val/acc', float('nan')):.4f}{privacy}"
+    )
     return 0
 
 

@@ -60,7 +60,8 @@ def local_train(cfg: FedRunConfig, data: FederatedData, user: int, global_params
         limit_val_batches=0,
     )
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|log_every_n_steps).*")
+        for noise in ("num_workers", "does not have many workers", "log_every_n_steps", "val_dataloader", "LeafSpec"):
+            warnings.filterwarnings("ignore", message=f".*{noise}")
         trainer.fit(task, train_dataloaders=loader)
     return get_flat(task) - global_params
 

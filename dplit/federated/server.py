@@ -33,8 +33,9 @@ class RunOutcome:
     last: dict[str, float] = field(default_factory=dict)
 
 
-def make_aggregator(cfg: FedRunConfig, num_users: int) -> DPFedAvg:
-    """The DP-FedAvg (or FedAvg) aggregator of ``cfg`` for ``num_users`` users; z calibrated when asked."""
+def make_aggregator(cfg: FedRunConfig, num_users: int, rounds: int) -> DPFedAvg:
+    """The DP-FedAvg (or FedAvg) aggregator of ``cfg`` for ``num_users`` users; with ``target_epsilon``, z is
+    calibrated over the ``rounds`` this run plans (``--rounds`` overrides ``federated.rounds``)."""
     p, f = cfg.privacy, cfg.federated
     if p is None:
         return DPFedAvg(num_users=num_users, sample_rate=f.sample_rate)
@@ -42,10 +43,10 @@ def make_aggregator(cfg: FedRunConfig, num_users: int) -> DPFedAvg:
     z = p.noise_multiplier
     if z is None:
         assert p.target_epsilon is not None
-        z = calibrate_rounds(target_epsilon=p.target_epsilon, sample_rate=f.sample_rate, rounds=f.rounds,
+        z = calibrate_rounds(target_epsilon=p.target_epsilon, sample_rate=f.sample_rate, rounds=rounds,
                              delta=delta, accountant=p.accountant)  # fmt: skip
         log.info(
-            "Calibrated noise_multiplier z=%.4f for user-level epsilon=%g over %d rounds", z, p.target_epsilon, f.rounds
+            "Calibrated noise_multiplier z=%.4f for user-level epsilon=%g over %d rounds", z, p.target_epsilon, rounds
         )  # noqa: E501
     return DPFedAvg(num_users=num_users, sample_rate=f.sample_rate, clip=p.clip, noise_multiplier=z, delta=delta,
                     accountant=p.accountant, testing_seed=p.insecure_testing_seed)  # fmt: skip
@@ -69,11 +70,19 @@ def wait_for_nodes(grid: Any, num_users: int, timeout_s: float) -> list[int]:
 
 
 def run_rounds(grid: Any, cfg: FedRunConfig, rounds: int, outcome: RunOutcome, node_timeout_s: float = 60.0) -> None:
-    """The whole federated run on ``grid``; fills ``outcome`` (errors included) and writes the run folder."""
+    """The whole federated run on ``grid``; fills ``outcome`` (errors included: Flower's simulation runs the
+    ServerApp in a thread, whose exceptions the caller would not see) and writes the run folder."""
+    try:
+        _run_rounds(grid, cfg, rounds, outcome, node_timeout_s)
+    except BaseException as err:
+        outcome.error = outcome.error or err
+
+
+def _run_rounds(grid: Any, cfg: FedRunConfig, rounds: int, outcome: RunOutcome, node_timeout_s: float) -> None:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
     data: FederatedData = load_data(cfg.data)
-    agg = make_aggregator(cfg, data.num_users)
+    agg = make_aggregator(cfg, data.num_users, rounds)
     config = cfg.to_dict()
     config["federated"]["rounds"] = rounds
     writer = RunWriter(cfg.output_dir, config)

@@ -8,7 +8,7 @@ from typing import Any
 
 from dplit.federated.config import FedRunConfig
 from dplit.federated.data import load_data
-from dplit.federated.server import RunOutcome
+from dplit.federated.server import RunOutcome, make_aggregator
 
 MISSING_EXTRA = "federated training needs Flower: pip install 'dplit[federated]' (flwr[simulation], ~1 GB with Ray)"
 
@@ -34,7 +34,8 @@ def simulate(cfg: FedRunConfig, rounds: int | None = None) -> RunOutcome:
     rounds = cfg.federated.rounds if rounds is None else rounds
     if rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
-    data = load_data(cfg.data)  # bad data fails here, before Ray starts
+    data = load_data(cfg.data)  # bad data and unreachable privacy settings fail here, before Ray starts
+    make_aggregator(cfg, data.num_users, rounds)
     outcome = RunOutcome()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     backend = {
