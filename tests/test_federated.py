@@ -55,6 +55,7 @@ def test_flower_simulation_two_rounds_four_clients(tmp_path):
     config = tmp_path / "fed.yaml"
     raw = _fixture_config(ROOT / "configs" / "fed_sent140_dp.yaml", tmp_path, rounds=5)
     raw["privacy"].update(noise_multiplier=1.0, target_epsilon=None)
+    raw["simulation"] = {"num_cpus": 1, "client_cpus": 1}  # one Ray worker: one import of the training stack
     config.write_text(yaml.safe_dump(raw))
     assert dplit_main(["federate", "--config", str(config), "--rounds", "2"]) == 0
     run = Path(raw["output_dir"]) / "version_0"
