@@ -115,7 +115,11 @@ def test_buckets_and_split(tmp_path):
     assert [len(u.y_eval) for u in data.users] == [1, 2, 2, 3]
     assert data.user_bucket["size"] == [0, 0, 1, 1]
     u = data.users[0]
-    assert torch.equal(torch.cat([u.y_train, u.y_eval]), torch.tensor([0, 1, 0, 1]))
+    assert sorted(torch.cat([u.y_train, u.y_eval]).tolist()) == [0, 0, 1, 1]  # a permutation of the user's rows
+    again = load_data(DataConfig(root=str(root), size_bins=[5], vocab_bins=[10], eval_fraction=0.25))
+    assert again is data  # cached per process
+    other = load_data(DataConfig(root=str(root), size_bins=[5], vocab_bins=[10], eval_fraction=0.25, split_seed=1))
+    assert [torch.equal(a.y_eval, b.y_eval) for a, b in zip(data.users, other.users, strict=True)] != [True] * 4
     assert all(u.vocab > 0 for u in data.users)
 
 
@@ -126,6 +130,19 @@ def test_shakespeare_heldout_windows_do_not_overlap_training(tmp_path):
         assert len(u.y_train) >= 1 and len(u.y_eval) >= 1
         # training windows end 2 windows (seq_len / stride) before the first held-out window starts
         assert len(u.y_train) + 2 + len(u.y_eval) <= len(next_char_samples(build_roles(root)[u.name], 10, 5)[1])
+
+
+def test_sent140_split_is_not_the_label_order(tmp_path):
+    """LEAF lists a Sent140 user's tweets sorted by label: the held-out split must not take the last (positive) ones."""
+    doc = leaf_doc(users=[f"u{i}" for i in range(40)], num_samples=[8] * 40)
+    doc["user_data"] = {
+        f"u{i}": {"x": [["1", "d", "q", f"u{i}", f"w{j}", "t"] for j in range(8)], "y": [0] * 4 + [1] * 4}
+        for i in range(40)
+    }
+    _write(tmp_path, doc)
+    data = load_data(DataConfig(root=str(tmp_path / "f.json"), eval_fraction=0.25))
+    held_out = torch.cat([u.y_eval for u in data.users]).float()
+    assert 0.3 < float(held_out.mean()) < 0.7  # the ordered split would give 1.0
 
 
 def test_no_usable_user_is_a_clear_error(tmp_path):

@@ -30,7 +30,11 @@ class DataConfig:
     max_users: int | None = None
     """Keep only the first users (sorted by name); null keeps all."""
     eval_fraction: float = 0.25
-    """Each user's last samples (this fraction, at least 1) are held out for the per-bucket evaluation."""
+    """This fraction of each user's samples (at least 1) is held out for the per-bucket evaluation: a random subset
+    drawn from ``split_seed`` and the user's name (Sent140: LEAF's files list each user's tweets sorted by label, so
+    the last ones would be all positive); for Shakespeare the user's last windows (text order, no overlap)."""
+    split_seed: int = 0
+    """Public seed of the per-user held-out split (not privacy-relevant)."""
     max_len: int = 32
     """Sent140: words per tweet; Reddit: words of context per next-word sample."""
     seq_len: int = 80

@@ -1,13 +1,16 @@
 """Per-user federated data: each user's training and held-out tensors, and its size / vocabulary bucket.
 
-A user is a privacy unit and a client. Its samples are split in order (the last ``eval_fraction``, at least one,
-held out), as LEAF's per-user split does. Buckets: by the number of training samples (``size``) and by the number
-of distinct words in the user's training text (``vocab``), with the configured bin edges.
+A user is a privacy unit and a client. A fraction ``eval_fraction`` of its samples (at least one) is held out, as
+LEAF's per-user split does: a seeded random subset for Sent140 (LEAF's files list a user's tweets sorted by label,
+so an ordered split would hold out only positives), the last windows for Shakespeare (text order, no overlap).
+Buckets: by the number of training samples (``size``) and by the number of distinct words in the user's training
+text (``vocab``), with the configured bin edges.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import re
@@ -96,6 +99,12 @@ def _shakespeare_users(cfg: DataConfig) -> list[tuple[str, Tensor, Tensor, list[
     return out
 
 
+def _user_permutation(seed: int, user: str, n: int) -> Tensor:
+    """A permutation of ``range(n)`` fixed by ``seed`` and the user's name (same on every node and run)."""
+    digest = hashlib.blake2b(f"{seed}:{user}".encode(), digest_size=8).digest()
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
+
+
 @functools.lru_cache(maxsize=4)
 def _load(key: str) -> FederatedData:
     cfg = DataConfig(**json.loads(key))
@@ -117,7 +126,9 @@ def _load(key: str) -> FederatedData:
                 continue
             train_x, train_y = x[: k - gap], y[: k - gap]
             train_text = texts[0][: (k - gap - 1) * cfg.stride + cfg.seq_len + 1]
-        else:
+        else:  # a seeded per-user permutation: LEAF lists a Sent140 user's tweets sorted by label
+            perm = _user_permutation(cfg.split_seed, name, n)
+            x, y, texts = x[perm], y[perm], [texts[i] for i in perm.tolist()]
             train_x, train_y, train_text = x[:k], y[:k], " ".join(texts[:k])
         vocab = len(set(_WORD.findall(train_text)))
         users.append(UserData(name, train_x, train_y, x[k:], y[k:], vocab))
