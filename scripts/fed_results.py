@@ -2,6 +2,7 @@
 
     nice -n 10 python scripts/fed_results.py --dataset sent140 --rounds 10 --sample-rate 0.02 --out runs/fed_results
     python scripts/fed_results.py --dataset sent140 --out runs/fed_results --table-only   # table from finished runs
+    (or --variant dp / --variant nodp in two processes at once, then --table-only)
 
 Runs ``configs/fed_<dataset>_{dp,nodp}.yaml`` through Flower's simulation (``dplit.federated.simulation.simulate``)
 with the given rounds and sampling rate (both runs the same), then writes ``OUT/<dataset>.md``: accuracy per
@@ -81,11 +82,14 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=1, help="Ray CPUs per run")
     parser.add_argument("--out", type=Path, default=Path("runs/fed_results"))
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--variant", choices=["both", "dp", "nodp"], default="both", help="run only one (in parallel)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     if not args.table_only:
-        for variant in ("nodp", "dp"):
+        for variant in ("nodp", "dp") if args.variant == "both" else (args.variant,):
             run(args.dataset, variant, args.rounds, args.sample_rate, args.out, args.cpus)
+        if args.variant != "both":
+            return
     text = table(args.dataset, args.out)
     (args.out / f"{args.dataset}.md").write_text(text)
     print(text)
