@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Grid of epsilons x seeds x DP algorithms (+ the non-DP twin), one run per cell; resumable; SLURM/W&B jobs.",
     ),
     "baseline": ("dplit.baselines.cli:main", "NON-private scikit-learn baselines on a config's data, as report runs."),
+    "federate": (
+        "dplit.federated.cli:main",
+        "Federated learning with user-level DP (DP-FedAvg) on Flower, with per-user-group metrics.",
+    ),
     "audit": (
         "dplit.audit.cli:main",
         "Empirical privacy audit in one training run: a lower bound on epsilon from mislabelled canaries.",
