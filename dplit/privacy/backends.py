@@ -34,6 +34,7 @@ from dplit.privacy.bookkeeping import BookKeeping
 from dplit.privacy.config import PrivacyConfig
 from dplit.privacy.coverage import RepeatedUseGuard
 from dplit.privacy.lstm_rules import GateCapture
+from dplit.privacy.transformer_rules import register_opacus_rules
 
 
 class UnclippedStepError(RuntimeError):
@@ -86,6 +87,7 @@ class OpacusHooks(PerSampleBackend):
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         super().__init__(module, config)
         self.gates = GateCapture(module)  # dplit LSTM layers: gate gradients for the per-example rule
+        register_opacus_rules(module)  # GPT-2 Conv1D, LlamaRMSNorm: rules instead of the torch.func fallback
         self.hooks = prepare_module(
             module, grad_sample_mode=self.name, wrap_model=False, batch_first=True, loss_reduction="mean", strict=True
         )
@@ -172,7 +174,9 @@ class GhostLoss(DPTensorFastGradientClipping):
         if controller.rows_per_unit(len(norms)) != 1:
             raise GhostLossError(
                 "ghost clipping computes one norm per row and cannot combine the K rows of a privacy unit before "
-                "clipping; use `grad_sample_mode: hooks` (or functorch) for tasks with several rows per example."
+                "clipping (the unit's norm needs cross terms between its rows, which Opacus' norm samplers do not "
+                "form); use `grad_sample_mode: bookkeeping`, `hooks` or `functorch` for tasks with several rows per "
+                "example."
             )
         coef = controller.factors(norms)
         self.module.disable_hooks()
@@ -190,6 +194,7 @@ class Ghost(PerSampleBackend):
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         super().__init__(module, config)
         self.gates = GateCapture(module)
+        register_opacus_rules(module)
         self.hooks = prepare_module(
             module,
             grad_sample_mode="ghost",
