@@ -176,8 +176,22 @@ class BookKeeping:
         return {"a": kept["a"][0], "g": kept["g"][0]}
 
     @torch.no_grad()
-    def clip_into_grad(self) -> None:
-        """Replace each covered ``p.grad`` (the unclipped mean) by the sum of clipped per-example gradients."""
+    def clip_into_grad(self, empty: bool = False) -> None:
+        """Replace each covered ``p.grad`` (the unclipped mean) by the sum of clipped per-example gradients.
+
+        ``empty``: the physical batch had no rows (the task may not have run the model): the sum is zero.
+        """
+        if empty:  # the clipped sum of no examples; the optimizer still adds the noise
+            self._store.clear()
+            self._calls.clear()
+            for m in self.layers:
+                if isinstance(m, LSTMScan):
+                    self._gates.take(m)
+            for p in self.covered_parameters():
+                p.grad = torch.zeros_like(p)
+            self.last_norms = None
+            self.batches_clipped += 1
+            return
         try:
             entries = [(m, self._capture(m)) for m in self.layers]
         finally:
