@@ -116,9 +116,12 @@ def unit_grads(model: CausalLM, ids: torch.Tensor, labels: torch.Tensor) -> torc
     return torch.stack(out)
 
 
-@pytest.mark.parametrize(("config", "physical"), [(GPT2, None), (LLAMA, None), (LLAMA, 2)],
-                         ids=["gpt2", "llama", "llama-virtual-steps"])  # fmt: skip
-def test_dp_clips_a_block_and_its_counterfactual_as_one_unit(tmp_path: Path, config, physical):
+@pytest.mark.parametrize(("config", "physical", "mode"),
+                         [(GPT2, None, "hooks"), (LLAMA, None, "hooks"), (LLAMA, 2, "hooks"),
+                          (GPT2, None, "bookkeeping"), ({**LLAMA, "tie_word_embeddings": True}, 2, "bookkeeping")],
+                         ids=["gpt2", "llama", "llama-virtual-steps", "gpt2-tied-bookkeeping",
+                              "llama-tied-virtual-bookkeeping"])  # fmt: skip
+def test_dp_clips_a_block_and_its_counterfactual_as_one_unit(tmp_path: Path, config, physical, mode):
     data = _data(tmp_path, cda=True, batch_size=1)
     n = data.train_size
     data.batch_size = n  # Poisson with q = 1: every unit in the one step
@@ -127,7 +130,7 @@ def test_dp_clips_a_block_and_its_counterfactual_as_one_unit(tmp_path: Path, con
     before = [p.detach().clone() for p in task.backbone.parameters()]
     reference = CausalLM(config={**config, "vocab_size": vocab})
     c = 0.5
-    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=c, grad_sample_mode="hooks",
+    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=c, grad_sample_mode=mode,
                              max_physical_batch_size=physical)  # fmt: skip
     trainer(tmp_path, [dp], max_epochs=1).fit(task, datamodule=data)  # q = 1: one logical step an epoch
     assert dp.accountant.steps == 1
