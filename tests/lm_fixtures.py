@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_bias_evaluation import LLAMA, _root
 from test_lm_corpus import build_tokenizer
 
@@ -34,11 +35,16 @@ def write_lm_bias_root(tmp_path: Path) -> Path:
     return root
 
 
-def lm_args(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """For an ``LMCorpusDataModule`` config: the fixture root and tokenizer, a tiny Llama, stubbed scorers."""
+def lm_args(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> list[str]:
+    """For an ``LMCorpusDataModule`` config: the fixture root and tokenizer, a tiny Llama, stubbed scorers, one torch
+    thread for the test (tiny models spin on a loaded machine with more)."""
     if "LMCorpusDataModule" not in config.read_text():
         return []
     from transformers import AutoTokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
 
     root = write_lm_bias_root(tmp_path / "data")
     tok = build_tokenizer(tmp_path / "tok")
