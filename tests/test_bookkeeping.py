@@ -98,12 +98,12 @@ class _Adapter(nn.Linear):
             lambda: nn.Sequential(_Adapter()),
             r"0 \(_Adapter: subclass of Linear.*trainable 0\.weight, 0\.bias, 0\.lora\)",
         ),
-        (lambda: nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)), r"1 \(LayerNorm: no book-keeping rule; trainable "),
+        (lambda: nn.Sequential(nn.Linear(4, 6), nn.GroupNorm(2, 6)), r"1 \(GroupNorm: no book-keeping rule; trainable"),
         (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), r"0 \(Conv2d: groups != 1; trainable 0\.weight"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, sparse=True)), r"Embedding: sparse / scale_grad_by_freq"),
         (lambda: nn.MultiheadAttention(4, 2), r"<root> \(MultiheadAttention: .*DPMultiheadAttention"),
     ],
-    ids=["linear-subclass", "layernorm", "grouped-conv", "sparse-embedding", "multihead-attention"],
+    ids=["linear-subclass", "groupnorm", "grouped-conv", "sparse-embedding", "multihead-attention"],
 )
 def test_check_supported_names_each_uncovered_parameter(build, pattern):
     with pytest.raises(UncoveredParameterError, match=pattern) as err:
@@ -125,10 +125,10 @@ def test_frozen_unsupported_layers_and_frozen_tied_weights_are_fine():
     check_supported(nn.ModuleDict({"emb": emb, "head": head, "norm": nn.LayerNorm(3).requires_grad_(False)}))
 
 
-def test_tied_weights_are_refused_by_name():
-    emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
-    head.weight = emb.weight
-    with pytest.raises(ValueError, match=r"emb\.weight \(shared by emb and head"):
+def test_tied_weights_other_than_an_embedding_and_its_head_are_refused_by_name():
+    emb, head = nn.Linear(5, 3), nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=r"emb\.weight \(shared by emb and head: only an nn\.Embedding tied"):
         check_supported(nn.ModuleDict({"emb": emb, "head": head}))
 
 

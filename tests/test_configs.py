@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lm_fixtures import lm_args
 from opacus.optimizers import DPOptimizer
 from tabular_fixtures import tabular_args
 from vision_fixtures import vision_data_args
@@ -80,6 +81,7 @@ def test_ddp_config_trains_a_few_steps(config, mnist_root, tmp_path):
 def test_config_trains_a_few_steps(config, mnist_root, tweets_root, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)  # the configs write to runs/<name>/ relative to the working directory
     data_args = _data_args(config, mnist_root, tweets_root, request) + tabular_args(config, tmp_path)
+    data_args += lm_args(config, tmp_path, monkeypatch, request)
     cli = _run(["fit", f"--config={config}", *FAST, *data_args])
     assert cli.trainer.global_step == 3
     dp = [cb for cb in cli.trainer.callbacks if isinstance(cb, DifferentialPrivacy)]

@@ -116,9 +116,12 @@ def unit_grads(model: CausalLM, ids: torch.Tensor, labels: torch.Tensor) -> torc
     return torch.stack(out)
 
 
-@pytest.mark.parametrize(("config", "physical"), [(GPT2, None), (LLAMA, None), (LLAMA, 2)],
-                         ids=["gpt2", "llama", "llama-virtual-steps"])  # fmt: skip
-def test_dp_clips_a_block_and_its_counterfactual_as_one_unit(tmp_path: Path, config, physical):
+@pytest.mark.parametrize(("config", "physical", "mode"),
+                         [(GPT2, None, "hooks"), (LLAMA, None, "hooks"), (LLAMA, 2, "hooks"),
+                          (GPT2, None, "bookkeeping"), ({**LLAMA, "tie_word_embeddings": True}, 2, "bookkeeping")],
+                         ids=["gpt2", "llama", "llama-virtual-steps", "gpt2-tied-bookkeeping",
+                              "llama-tied-virtual-bookkeeping"])  # fmt: skip
+def test_dp_clips_a_block_and_its_counterfactual_as_one_unit(tmp_path: Path, config, physical, mode):
     data = _data(tmp_path, cda=True, batch_size=1)
     n = data.train_size
     data.batch_size = n  # Poisson with q = 1: every unit in the one step
@@ -127,7 +130,7 @@ def test_dp_clips_a_block_and_its_counterfactual_as_one_unit(tmp_path: Path, con
     before = [p.detach().clone() for p in task.backbone.parameters()]
     reference = CausalLM(config={**config, "vocab_size": vocab})
     c = 0.5
-    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=c, grad_sample_mode="hooks",
+    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=c, grad_sample_mode=mode,
                              max_physical_batch_size=physical)  # fmt: skip
     trainer(tmp_path, [dp], max_epochs=1).fit(task, datamodule=data)  # q = 1: one logical step an epoch
     assert dp.accountant.steps == 1
@@ -186,21 +189,35 @@ def test_non_private_fit_lowers_the_training_loss(tmp_path: Path):
         assert float(task.criterion(*task.forward_batch(batch)[:2])) < before - 0.5
 
 
-class BatchSizes(CausalLMTask):
-    def training_step(self, batch, batch_idx):
-        self.sizes = [*getattr(self, "sizes", []), len(batch[2])]
-        return super().training_step(batch, batch_idx)
+class StepUpdates(CausalLMTask):
+    """Records, per training batch, its number of units, whether the model ran, and the parameter update."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.ran = False
+        self.snapshot = torch.cat([p.detach().reshape(-1).clone() for p in self.parameters()])
+
+    def forward(self, x):
+        self.ran = True
+        return super().forward(x)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        update = torch.cat([p.detach().reshape(-1) for p in self.parameters()]) - self.snapshot
+        self.steps = [*getattr(self, "steps", []), (len(batch[2]), self.ran, update)]
 
 
-def test_an_empty_poisson_batch_trains_with_zero_gradient_and_noise(tmp_path: Path):
-    model = CausalLM(config={**LLAMA, "vocab_size": 16})
-    empty = torch.zeros(0, 8, dtype=torch.int64)
-    logits = model(empty)
-    assert logits.shape == (0, 8, 16)
-    TokenCrossEntropy()(logits, empty).backward()
-    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
-    data = _data(tmp_path, cda=True, batch_size=1)  # q = 1/N: empty batches are likely
-    task = BatchSizes(CausalLM(config={**LLAMA, "vocab_size": len(data.tokenizer)}))
-    dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks", insecure_testing_seed=0)
-    trainer(tmp_path, [dp], max_epochs=2).fit(task, datamodule=data)
-    assert 0 in task.sizes and dp.accountant.steps == len(task.sizes)
+@pytest.mark.parametrize(("mode", "cda"), [("hooks", True), ("bookkeeping", True), ("ghost", False)])
+def test_an_empty_poisson_batch_runs_no_model_and_adds_the_noise_once(tmp_path: Path, mode: str, cda: bool):
+    with pytest.raises(ValueError, match="empty batch"):
+        CausalLM(config={**LLAMA, "vocab_size": 16})(torch.zeros(0, 8, dtype=torch.int64))
+    data = _data(tmp_path, cda=cda, batch_size=1)  # q = 1/N: empty batches are likely
+    task = StepUpdates(CausalLM(config={**LLAMA, "vocab_size": len(data.tokenizer)}),
+                       optimizer=partial(torch.optim.SGD, lr=1.0))  # fmt: skip
+    sigma, c = 2.0, 0.5
+    dp = DifferentialPrivacy(noise_multiplier=sigma, max_grad_norm=c, grad_sample_mode=mode, insecure_testing_seed=0)
+    trainer(tmp_path, [dp], max_epochs=3).fit(task, datamodule=data)
+    assert dp.accountant.steps == len(task.steps)  # every batch, empty or not, is one accounted release
+    empty = [update for units, ran, update in task.steps if units == 0]
+    assert empty and all(not ran for units, ran, _ in task.steps if units == 0)
+    for update in empty:  # SGD lr 1, expected batch 1: the update is the noise N(0, (sigma C)^2) per coordinate
+        assert update.std().item() == pytest.approx(sigma * c, rel=0.05)  # once: twice would be sqrt(2) sigma C
+        assert abs(update.mean().item()) < 5 * sigma * c / math.sqrt(len(update))

@@ -42,11 +42,8 @@ REFUSED: dict[tuple[str, str], str] = {
     ("bookkeeping", "lora_subclass"): r"net\.0\.lora_a",
     ("bookkeeping", "scale_leaf"): r"net\.1\.gamma",
     ("bookkeeping", "scale_parent"): r"net\.2\.gamma",
-    ("bookkeeping", "layernorm"): r"net\.1\.weight",
     ("bookkeeping", "groupnorm"): r"net\.1\.weight",
     ("bookkeeping", "rmsnorm"): r"net\.1\.weight",
-    ("bookkeeping", "transformer_block"): r"net\.ln1\.weight",
-    ("bookkeeping", "tied_embedding"): r"net\.emb\.weight",
     ("bookkeeping", "linear_twice"): r"net\.fc\.weight",  # at run time: the module runs twice in one forward
     # ghost clipping: per-layer norms cannot see the cross terms of a weight used twice
     ("ghost", "tied_embedding"): r"net\.emb\.weight",

@@ -257,12 +257,10 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits [N, T, V] for right-padded ids [N, T] (causal attention: pads never reach earlier tokens).
 
-        An empty batch (N = 0, as Poisson sampling draws) runs one all-zero row and returns none of it: Hugging Face
-        attention cannot reshape zero rows, and per-sample hooks need the layers to run; that row's gradient is 0.
-        The privacy core then sees one zero-norm row in that batch: algorithms that release noisy counts (adaptive
-        clipping, DPSGD-F) count it once (a data-independent +1, no leak).
+        N >= 1: Hugging Face attention cannot reshape zero rows; :class:`~dplit.tasks.causal_lm.CausalLMTask` does not
+        run the model on an empty Poisson batch.
         """
         if input_ids.shape[0] == 0:
-            return self.forward(input_ids.new_zeros(1, max(input_ids.shape[1], 1)))[:0]
+            raise ValueError("CausalLM: an empty batch (N = 0); Hugging Face attention needs at least one row")
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids).contiguous()
         return self.lm(input_ids=input_ids, position_ids=positions, use_cache=False).logits

@@ -34,6 +34,7 @@ from dplit.privacy.bookkeeping import BookKeeping
 from dplit.privacy.config import PrivacyConfig
 from dplit.privacy.coverage import RepeatedUseGuard
 from dplit.privacy.lstm_rules import GateCapture
+from dplit.privacy.transformer_rules import register_opacus_rules
 
 
 class UnclippedStepError(RuntimeError):
@@ -51,9 +52,15 @@ class PerSampleBackend:
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         self.module = module
         self.config = config
+        self.controller: Any = None
 
     def install_loss(self, pl_module: nn.Module, optimizer: Any) -> None:
-        """Hook the task's criterion if this backend needs the per-example loss (no-op by default)."""
+        """Hook the task's criterion if this backend needs the per-example loss (base: keeps the step controller)."""
+        self.controller = optimizer.dplit_controller
+
+    def empty_batch(self) -> bool:
+        """The physical batch has no rows (Poisson): the task may skip the model, nothing is clipped, noise only."""
+        return bool(getattr(self.controller, "empty", False))
 
     def begin_batch(self) -> None:
         """A new physical batch starts (before its forward pass); no-op by default."""
@@ -86,13 +93,14 @@ class OpacusHooks(PerSampleBackend):
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         super().__init__(module, config)
         self.gates = GateCapture(module)  # dplit LSTM layers: gate gradients for the per-example rule
+        register_opacus_rules(module)  # GPT-2 Conv1D, LlamaRMSNorm: rules instead of the torch.func fallback
         self.hooks = prepare_module(
             module, grad_sample_mode=self.name, wrap_model=False, batch_first=True, loss_reduction="mean", strict=True
         )
 
     def assert_clipped(self, optimizer: Any) -> None:
         missing = [i for i, p in enumerate(optimizer.params) if getattr(p, "grad_sample", None) is None]
-        if missing:
+        if missing and not self.empty_batch():
             raise UnclippedStepError(
                 f"DifferentialPrivacy: {len(missing)} parameters have no per-sample gradients before the optimizer "
                 "step (the forward pass bypassed the hooked module), so the step would not be private."
@@ -172,7 +180,9 @@ class GhostLoss(DPTensorFastGradientClipping):
         if controller.rows_per_unit(len(norms)) != 1:
             raise GhostLossError(
                 "ghost clipping computes one norm per row and cannot combine the K rows of a privacy unit before "
-                "clipping; use `grad_sample_mode: hooks` (or functorch) for tasks with several rows per example."
+                "clipping (the unit's norm needs cross terms between its rows, which Opacus' norm samplers do not "
+                "form); use `grad_sample_mode: bookkeeping`, `hooks` or `functorch` for tasks with several rows per "
+                "example."
             )
         coef = controller.factors(norms)
         self.module.disable_hooks()
@@ -190,6 +200,7 @@ class Ghost(PerSampleBackend):
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         super().__init__(module, config)
         self.gates = GateCapture(module)
+        register_opacus_rules(module)
         self.hooks = prepare_module(
             module,
             grad_sample_mode="ghost",
@@ -214,6 +225,7 @@ class Ghost(PerSampleBackend):
                 "`reduction='mean'` (it is called with reduction 'none' to get the per-example losses)."
             )
         self._criterion, self._optimizer = criterion, optimizer
+        super().install_loss(pl_module, optimizer)
         self._handles = [
             criterion.register_forward_pre_hook(self._pre_hook),
             criterion.register_forward_hook(self._post_hook),
@@ -242,7 +254,7 @@ class Ghost(PerSampleBackend):
         return GhostLoss(self.hooks, self._optimizer, output, "mean")
 
     def check_loss(self, loss: Any) -> None:
-        if not isinstance(loss, GhostLoss):
+        if not isinstance(loss, GhostLoss) and not self.empty_batch():
             raise GhostLossError(_GHOST_LOSS_HELP + f" The loss given to backward was a {type(loss).__name__}.")
         self.checked += 1
 
@@ -283,12 +295,13 @@ class BookKeepingBackend(PerSampleBackend):
         self._seen = 0
 
     def install_loss(self, pl_module: nn.Module, optimizer: Any) -> None:
+        super().install_loss(pl_module, optimizer)
         controller = optimizer.dplit_controller  # the DP algorithm's factors, unit checks
         self.bk.clip_factors = controller.factors
         self.bk.rows_per_unit = controller.rows_per_unit
 
     def after_backward(self) -> None:
-        self.bk.clip_into_grad()  # p.grad := sum of clipped per-example gradients
+        self.bk.clip_into_grad(empty=self.empty_batch())  # p.grad := sum of clipped per-example gradients
 
     def assert_clipped(self, optimizer: Any) -> None:
         if self.bk.batches_clipped == self._seen:

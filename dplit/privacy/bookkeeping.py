@@ -13,10 +13,13 @@ each trainable one clipped whatever the others' ``requires_grad`` (a bias under 
 ``padding_mode``: the input is padded as the layer's forward pads it, then unfolded), ``nn.Embedding`` (sparse
 per-example norms over each example's distinct tokens; the clipped sum is an ``index_add``), and
 :class:`dplit.models.lstm.LSTMScan` (from the gate gradients its backward keeps: ghost norms over timesteps per
-direction, one batched product for the clipped sum). ``check_supported`` refuses, by parameter name, a trainable
-parameter of any other module (LayerNorm, a bare ``nn.Parameter``), of a subclass of a rule's type or of a layer
-with parameters outside its rule (adapters), and a parameter shared by several modules (tied weights). A layer run
-twice in one step is refused when it happens (its per-example gradient is the sum over its uses).
+direction, one batched product for the clipped sum); GPT-2 ``Conv1D``, ``LlamaRMSNorm`` and ``nn.LayerNorm`` by
+:mod:`dplit.privacy.transformer_rules`, as are an Embedding tied to a Linear output head (the cross term of the
+two uses' per-example gradients enters the norm) and privacy units of K rows (clipped on the mean of their rows).
+``check_supported`` refuses, by parameter name, a trainable parameter of any other module (a bare
+``nn.Parameter``), of a subclass of a rule's type or of a layer with parameters outside its rule (adapters), and a
+parameter shared otherwise. A layer run twice in one step is refused when it happens (its per-example gradient is
+the sum over its uses).
 For sequence inputs, norms use the ghost-norm identity when ``T^2`` is below the weight size and the materialised
 per-example gradient otherwise (Bu et al.'s layer-wise choice).
 """
@@ -33,6 +36,7 @@ from torch.nn.functional import pad, unfold
 from dplit.models.lstm import LSTMScan
 from dplit.privacy.coverage import UncoveredParameterError
 from dplit.privacy.lstm_rules import GateCapture
+from dplit.privacy.transformer_rules import bookkeeping_rule, tied_cross_sq, tied_reason, to_units
 
 RULES: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Linear: ("weight", "bias"),
@@ -41,11 +45,11 @@ RULES: dict[type[nn.Module], tuple[str, ...]] = {
     LSTMScan: ("weight",),
 }
 SUPPORTED = tuple(RULES)
-_ALTERNATIVE = "Use `grad_sample_mode: hooks` or `functorch` for this model (or `ghost`, if no weights are tied)."
+_ALTERNATIVE = "Use `grad_sample_mode: hooks` or `functorch` for this model."
 
 
 def _unsupported_reason(m: nn.Module) -> str | None:
-    rule = RULES.get(type(m))
+    rule = RULES.get(type(m)) or getattr(bookkeeping_rule(m), "params", None)  # transformer_rules: Conv1D, norms
     if isinstance(m, nn.MultiheadAttention):
         return "no book-keeping rule; replace it by opacus.layers.DPMultiheadAttention, built from Linear layers"
     if rule is None:
@@ -82,9 +86,9 @@ def uncovered_parameters(module: nn.Module) -> list[str]:
             bad.append(f"{mname or '<root>'} ({type(m).__name__}: {reason}; trainable {names})")
         shared = [p for _, p in params if len(owners[p]) > 1 and owners[p][0] == (mname or "<root>")]
         bad.extend(
-            f"{qualified[p]} (shared by {' and '.join(owners[p])}: tied weights need the per-example sum over "
-            "their uses before the norm)"
+            f"{qualified[p]} (shared by {' and '.join(owners[p])}: {why})"
             for p in shared
+            if (why := tied_reason([module.get_submodule(o) for o in owners[p]]))
         )
     return bad
 
@@ -95,7 +99,8 @@ def check_supported(module: nn.Module) -> None:
     if bad:
         raise UncoveredParameterError(
             "`grad_sample_mode: bookkeeping` clips the parameters of exact Linear, Conv2d (groups=1), Embedding "
-            f"(dense, no max_norm) and dplit LSTM layers only; unsupported: {', '.join(bad)}. {_ALTERNATIVE}"
+            "(dense, no max_norm), dplit LSTM, GPT-2 Conv1D, LlamaRMSNorm and LayerNorm layers only; "
+            f"unsupported: {', '.join(bad)}. {_ALTERNATIVE}"
         )
 
 
@@ -117,7 +122,8 @@ class BookKeeping:
         """Per-example factors from pre-clipping norms (a DP algorithm's); None: min(1, C / norm)."""
         self.rows_per_unit: Callable[[int], int] | None = None
         self.names = {m: name or "<root>" for name, m in module.named_modules()}
-        self.layers = [m for m in module.modules() if type(m) in RULES and _trainable(m)]
+        self.layers = [m for m in module.modules() if (type(m) in RULES or bookkeeping_rule(m)) and _trainable(m)]
+        self._tied = _tied_pairs(self.layers)  # (embedding, head) sharing a weight: cross term of their norms
         self._store: dict[nn.Module, dict[str, list[torch.Tensor]]] = {}  # per layer: inputs "a", grads "g"
         self._calls: dict[nn.Module, int] = {}  # training forwards per layer since the last clip_into_grad
         self._handles = []
@@ -170,8 +176,22 @@ class BookKeeping:
         return {"a": kept["a"][0], "g": kept["g"][0]}
 
     @torch.no_grad()
-    def clip_into_grad(self) -> None:
-        """Replace each covered ``p.grad`` (the unclipped mean) by the sum of clipped per-example gradients."""
+    def clip_into_grad(self, empty: bool = False) -> None:
+        """Replace each covered ``p.grad`` (the unclipped mean) by the sum of clipped per-example gradients.
+
+        ``empty``: the physical batch had no rows (the task may not have run the model): the sum is zero.
+        """
+        if empty:  # the clipped sum of no examples; the optimizer still adds the noise
+            self._store.clear()
+            self._calls.clear()
+            for m in self.layers:
+                if isinstance(m, LSTMScan):
+                    self._gates.take(m)
+            for p in self.covered_parameters():
+                p.grad = torch.zeros_like(p)
+            self.last_norms = None
+            self.batches_clipped += 1
+            return
         try:
             entries = [(m, self._capture(m)) for m in self.layers]
         finally:
@@ -185,6 +205,10 @@ class BookKeeping:
             return
         device, dtype = _trainable(self.layers[0])[0][1].device, _trainable(self.layers[0])[0][1].dtype
         n = _batch_size(*entries[0])
+        k = self.rows_per_unit(n) if self.rows_per_unit is not None and n else 1
+        if k > 1:  # a privacy unit's K rows clipped together: U examples of K*T positions (transformer_rules)
+            entries = [(m, _unit_entry(m, e, k, self.names[m])) for m, e in entries]
+            n //= k
         if n == 0:  # an empty Poisson batch: the clipped sum is zero (the optimizer still adds the noise)
             for p in self.covered_parameters():
                 p.grad = torch.zeros_like(p)
@@ -200,21 +224,24 @@ class BookKeeping:
             grads = self._per_example(m, e)  # conv weight: [n, out, in*k*k]; otherwise None
             sq_norms += self._sq_norm(m, e, grads).double() * (n * n)
             per_layer.append((m, e, grads))
-        norms = sq_norms.sqrt()
+        captured = dict(entries)
+        for emb, head in self._tied:  # |G_emb + G_head|^2 = |G_emb|^2 + |G_head|^2 + 2 <G_emb, G_head>
+            sq_norms += tied_cross_sq(emb, captured[emb], captured[head]).double() * (n * n)  # type: ignore[arg-type]
+        norms = sq_norms.clamp(min=0).sqrt()
         self.last_norms = norms.float()
-        if self.clip_factors is not None:  # a DP algorithm's factors (units: examples; checked by the caller)
-            if self.rows_per_unit is not None and self.rows_per_unit(n) != 1:
-                raise RuntimeError(
-                    "book-keeping clipping computes one norm per row and cannot combine the K rows of a privacy unit "
-                    "before clipping; use `grad_sample_mode: hooks` (or functorch) for tasks with several rows per "
-                    "example."
-                )
+        if self.clip_factors is not None:  # a DP algorithm's factors (one per unit; checked by the caller)
             coef = self.clip_factors(norms).to(dtype)
         else:
             coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0).to(dtype)  # [n]
         coef = coef * n  # applied to the captured (mean-loss) gradients: see above
+        shared: list[torch.Tensor] = [emb.weight for emb, _ in self._tied]
+        for w in shared:
+            w.grad = None
         for m, e, grads in per_layer:
+            before = [(w, w.grad) for w in shared if w.grad is not None and any(q is w for q in m.parameters(False))]
             self._write_clipped(m, e, grads, coef)
+            for w, g in before:  # a tied weight's clipped sum: both uses' contributions
+                w.grad = w.grad + g  # type: ignore[operator]
         self.batches_clipped += 1
 
     @staticmethod
@@ -232,6 +259,8 @@ class BookKeeping:
 
     @staticmethod
     def _sq_norm(m: nn.Module, e: dict[str, torch.Tensor], grads: torch.Tensor | None) -> torch.Tensor:
+        if rule := bookkeeping_rule(m):
+            return rule.sq_norm(m, e["a"], e["g"])
         if isinstance(m, nn.Embedding):
             return _embedding_sq_norm(m, e["a"], e["g"])
         if isinstance(m, LSTMScan):
@@ -253,6 +282,8 @@ class BookKeeping:
     def _write_clipped(
         m: nn.Module, e: dict[str, torch.Tensor], grads: torch.Tensor | None, coef: torch.Tensor
     ) -> None:
+        if rule := bookkeeping_rule(m):
+            return rule.write(m, e["a"], e["g"], coef)
         if isinstance(m, nn.Embedding):
             ids, g = e["a"], e["g"]
             rows = (g * coef[:, None, None]).reshape(-1, g.shape[-1])
@@ -288,6 +319,22 @@ class BookKeeping:
 def _batch_size(m: nn.Module, e: dict[str, torch.Tensor] | None) -> int:
     assert e is not None
     return e["a"].shape[1] if isinstance(m, LSTMScan) else len(e["a"])
+
+
+def _tied_pairs(layers: list[nn.Module]) -> list[tuple[nn.Embedding, nn.Module]]:
+    """(embedding, Linear head) pairs sharing a trainable weight (checked by ``tied_reason`` at setup)."""
+    embs = {m.weight: m for m in layers if isinstance(m, nn.Embedding) and m.weight.requires_grad}
+    return [(embs[m.weight], m) for m in layers if isinstance(m, nn.Linear) and m.weight in embs]
+
+
+def _unit_entry(m: nn.Module, e: dict[str, torch.Tensor] | None, k: int, name: str) -> dict[str, torch.Tensor]:
+    assert e is not None
+    if isinstance(m, nn.Conv2d):
+        raise UncoveredParameterError(
+            f"`grad_sample_mode: bookkeeping`: Conv2d layer {name} cannot combine the K rows of a privacy unit "
+            "before clipping; use `grad_sample_mode: hooks` (or functorch) for multi-row units with convolutions."
+        )
+    return to_units(m, e, k, lstm=isinstance(m, LSTMScan))
 
 
 def _seq_sq_norm(a3: torch.Tensor, g3: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ zoo of models against per-example autograd):
   ``opacus.layers.DPMultiheadAttention`` replacement is built from Linear layers).
 * ``functorch``: dplit's LSTM (:class:`~dplit.models.lstm.LSTMScan`) has a hand-written backward it cannot trace.
 * ``bookkeeping``: see :func:`dplit.privacy.bookkeeping.check_supported` (exact Linear/Conv2d/Embedding/LSTMScan
-  rules, no tied weights; repeated use is refused by :class:`~dplit.privacy.bookkeeping.BookKeeping` itself).
+  rules, GPT-2 Conv1D / LlamaRMSNorm / LayerNorm and an Embedding tied to a Linear head by
+  :mod:`dplit.privacy.transformer_rules`; repeated use is refused by the backend itself).
 
 ``hooks`` and ``functorch`` sum per-use gradients of tied and repeatedly used parameters exactly, and fall back to
 ``torch.func`` for any module without a rule (LoRA subclasses, bare parameters, RMSNorm), which is exact too.
@@ -101,8 +102,9 @@ def uncovered(module: nn.Module, grad_sample_mode: str) -> list[str]:
             )
     if grad_sample_mode == "ghost":
         bad.extend(
-            f"{names[p]} (shared by {' and '.join(owners)}: ghost clipping takes per-layer norms, not the norm of "
-            "the summed per-example gradient; use `grad_sample_mode: hooks` or `functorch`)"
+            f"{names[p]} (shared by {' and '.join(owners)}: Opacus' ghost clipping takes per-layer norms, not the "
+            "norm of the summed per-example gradient, whose cross term needs both uses' activations at once; use "
+            "`grad_sample_mode: bookkeeping` (exact for an Embedding tied to a Linear head), `hooks` or `functorch`)"
             for p, owners in shared_parameters(module).items()
         )
     return bad

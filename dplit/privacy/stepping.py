@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from opacus.optimizers import DPPerLayerOptimizer, SimpleDistributedPerLayerOptimizer
+from opacus.optimizers import DPOptimizerFastGradientClipping, DPPerLayerOptimizer, SimpleDistributedPerLayerOptimizer
 from torch.utils.data import Sampler
 
 from dplit.privacy.accounting import Event, PrivacyAccountant
@@ -144,9 +144,13 @@ class StepController:
         self.groups: torch.Tensor | None = None
         """Group ids ``[units]`` of the current physical batch (None when the batch carries none)."""
         self.released_metrics: dict[str, float] = {}
+        self.empty = False
+        """The current physical batch has no rows (Poisson): no per-sample work, the release adds the noise only."""
 
     def begin_batch(self, record: tuple[bool, int | None], batch: Any = None) -> None:
         self.current, self.stepped = record, False
+        first = batch[0] if isinstance(batch, list | tuple) and batch else batch
+        self.empty = isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] == 0
         group = batch[2] if isinstance(batch, list | tuple) and len(batch) >= 3 else None
         if isinstance(group, torch.Tensor) and group.dim() == 2:
             group = group[:, 0]  # several group attributes: the primary one (column 0)
@@ -243,6 +247,10 @@ def controlled_optimizer_class(base: type) -> type:
             # the noise std is sigma_g times the sensitivity (sigma_g = sigma unless statistics share the budget)
             self.max_grad_norm = controller.algorithm.sensitivity
             self.noise_multiplier = controller.algorithm.gradient_noise_multiplier
+            if controller.empty and not isinstance(self, DPOptimizerFastGradientClipping):
+                for p in self.params:  # Opacus reads p.grad_sample first; the task need not run the model
+                    if getattr(p, "grad_sample", None) is None:
+                        p.grad_sample = p.new_zeros(0, *p.shape)
             if not super().pre_step(closure):
                 return False
             controller.released()
@@ -252,10 +260,15 @@ def controlled_optimizer_class(base: type) -> type:
             """Per-unit norms (a unit's K rows averaged first, as De et al. 2022 average augmentation views), the
             algorithm's checked factors, their weighted sum. With the task's loss a mean over all rows, the non-DP
             gradient is the mean over units of these per-unit means, so DP and non-DP updates share one scale."""
-            if isinstance(self, DPPerLayerOptimizer | SimpleDistributedPerLayerOptimizer):
-                return super().clip_and_accumulate()  # per-layer clipping: Opacus' own (DP-SGD, one row a unit)
             controller = self.dplit_controller
             assert controller is not None
+            if controller.empty:  # an empty Poisson batch: nothing to clip (the task need not run the model)
+                controller.factors(torch.zeros(0, device=self.params[0].device))
+                for p in self.params:
+                    p.summed_grad = torch.zeros_like(p) if p.summed_grad is None else p.summed_grad
+                return
+            if isinstance(self, DPPerLayerOptimizer | SimpleDistributedPerLayerOptimizer):
+                return super().clip_and_accumulate()  # per-layer clipping: Opacus' own (DP-SGD, one row a unit)
             grads = self.grad_samples  # each [rows, *param.shape]
             rows = len(grads[0])
             k = controller.rows_per_unit(rows)

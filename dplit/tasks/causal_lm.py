@@ -104,12 +104,14 @@ class CausalLMTask(GroupedTask):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        outputs, targets, group = self.forward_batch(batch)  # B may be 0 under Poisson sampling
+        if len(batch[0]) == 0:  # an empty Poisson batch: no rows to run; the privacy core adds the noise only
+            zero = sum((p.sum() for p in self.parameters() if p.requires_grad), torch.zeros((), device=self.device))
+            return {"loss": zero * 0.0, "example_loss": batch[0].new_zeros(0, dtype=torch.float32)}
+        outputs, targets, group = self.forward_batch(batch)
         loss = self.criterion(outputs, targets)  # exactly this: ghost clipping hooks the criterion
         with torch.no_grad():
             example_loss = self.unit_loss(outputs.detach(), targets, len(group))  # [B], diagnostics
-        if len(targets) > 0:
-            self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=len(group))
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=len(group))
         return {"loss": loss, "example_loss": example_loss}
 
     def _eval_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
