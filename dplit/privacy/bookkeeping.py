@@ -33,6 +33,7 @@ from torch.nn.functional import pad, unfold
 from dplit.models.lstm import LSTMScan
 from dplit.privacy.coverage import UncoveredParameterError
 from dplit.privacy.lstm_rules import GateCapture
+from dplit.privacy.precision import widen
 
 RULES: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Linear: ("weight", "bias"),
@@ -164,10 +165,11 @@ class BookKeeping:
             if calls == 0 or captured is None:
                 return None
             h_prev, dz, _ = captured
-            return {"a": h_prev, "g": dz}  # [D, B, T, H], [D, B, T, 4H]
+            return {"a": widen(h_prev), "g": widen(dz)}  # [D, B, T, H], [D, B, T, 4H]
         if kept is None or not kept["g"]:
             return None
-        return {"a": kept["a"][0], "g": kept["g"][0]}
+        # bf16-mixed: each example's captures widened to float32; norms and clipped sums are then float32
+        return {"a": widen(kept["a"][0]), "g": widen(kept["g"][0])}
 
     @torch.no_grad()
     def clip_into_grad(self) -> None:
