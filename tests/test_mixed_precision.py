@@ -132,3 +132,36 @@ def test_float16_loss_scaling_is_refused_with_the_fix():
         check_precision("16-mixed", "bookkeeping", True)
     check_precision("bf16-mixed", "bookkeeping", True)
     check_precision("32-true", "ghost", False)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
+
+
+@CUDA
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
+def test_cuda_update_is_the_clipped_mean_of_per_example_autograd(mode, precision, tmp_path):
+    """On a GPU: the noise-free update equals the CPU float32 clipped mean (bf16-mixed: within bfloat16 error)."""
+    if mode == "ghost" and precision == "bf16-mixed":
+        pytest.skip("refused by design (test_unsafe_precision_is_refused_at_setup)")
+    data = TinyData(n=200, batch_size=40)
+    data.x[:5] *= 1e3
+    probe = Probe()
+    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=C, grad_sample_mode=mode, insecure_testing_seed=3)
+    t = trainer(tmp_path, [dp, probe], max_steps=3, precision=precision, accelerator="gpu")
+    task = tiny_task(lr=1.0)
+    t.fit(task, datamodule=data)
+    assert dp.accountant.steps == 3
+    tol = 5e-2 if precision == "bf16-mixed" else 1e-4
+    for s in probe.steps:
+        before, after = s["before"].cpu(), s["after"].cpu()
+        ref = clipped_sum(per_example_grads(task.cpu(), before, [b.cpu() for b in s["batch"]]), C) / 40
+        assert ((before - after) - ref).norm() / ref.norm() < tol
+
+
+@CUDA
+def test_cuda_float16_mixed_is_refused(tmp_path):
+    dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=C, grad_sample_mode="bookkeeping")
+    t = trainer(tmp_path, [dp], max_steps=1, precision="16-mixed", accelerator="gpu")
+    with pytest.raises(PrivacyConfigError, match="GradScaler"):
+        t.fit(tiny_task(), datamodule=TinyData())
