@@ -353,6 +353,10 @@ def _bench_subset(args: argparse.Namespace, configs: list[str]) -> None:
         "time_over_nodp_per_round": {c: [round(v, 3) for v in ratio[c]] for c in configs},
         "time_over_nodp_median": {c: round(statistics.median(ratio[c]), 3) for c in configs},
         "cpu_over_nodp_per_round": {c: [round(v, 3) for v in cpu_ratio[c]] for c in configs},
+        # time between steps (loading and collating the next batch, Lightning's loop) as a share of the step cycle
+        "between_steps_share": {
+            c: [round(1 - run["instep_s"] / run["window_s"], 3) for run in runs[c]] for c in configs
+        },
         "peak_mb": {c: round(memory[c]["peak_mb"], 1) for c in configs},
         "mem_over_nodp": {c: round(memory[c]["peak_mb"] / memory["nodp"]["peak_mb"], 3) for c in configs},
         "batch_size": args.batch_size,
