@@ -307,6 +307,7 @@ def main() -> None:
     every = CONFIGS + TEXT_CONFIGS
     p.add_argument("--profile", choices=every, default=None, help="run one configuration under cProfile, no table")
     p.add_argument("--worker", choices=every, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-memory-runs", action="store_true", help="--configs: peaks from the timing runs")
     p.add_argument(
         "--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)} (must include nodp); no text"
     )
@@ -341,7 +342,8 @@ def _bench_subset(args: argparse.Namespace, configs: list[str]) -> None:
         for config in configs[r % len(configs) :] + configs[: r % len(configs)]:
             runs[config].append(_spawn(args, config, memory=False))
             print(f"# round {r + 1}/{args.repeats} {config}: {runs[config][-1]['window_s']:.2f}s", file=sys.stderr)
-    memory = {c: _spawn(args, c, memory=True) for c in configs}
+    # memory: one run each with the fixed mmap threshold; --no-memory-runs: the timing runs' peaks (default malloc)
+    memory = {c: runs[c][0] if args.no_memory_runs else _spawn(args, c, memory=True) for c in configs}
     per_ex = {c: [1e6 * run["ex_med_s"] for run in runs[c]] for c in configs}
     cpu_ex = {c: [1e6 * run["cpu_s"] / run["examples"] for run in runs[c]] for c in configs}
     # each round's ratio uses that round's nodp run (interleaved, so both saw the same load)
@@ -359,6 +361,7 @@ def _bench_subset(args: argparse.Namespace, configs: list[str]) -> None:
         },
         "peak_mb": {c: round(memory[c]["peak_mb"], 1) for c in configs},
         "mem_over_nodp": {c: round(memory[c]["peak_mb"] / memory["nodp"]["peak_mb"], 3) for c in configs},
+        "memory_runs": "timing runs, default malloc" if args.no_memory_runs else "separate, fixed mmap threshold",
         "batch_size": args.batch_size,
         "steps": args.steps,
         "warmup": args.warmup,
