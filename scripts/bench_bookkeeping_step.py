@@ -34,10 +34,21 @@ def _bookkeeping(net: torch.nn.Module, hide_weights: bool) -> BookKeeping:
     return bk
 
 
-def _steps(variant: str, steps: int, batch: int) -> list[float]:
+def _model(name: str, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """MnistCNN on [B, 1, 28, 28]; or a transformer-sized MLP block stack (Linear 384-1536-384 x 2, 64 tokens)."""
     torch.manual_seed(0)
-    net = MnistCNN()
-    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    if name == "cnn":
+        return MnistCNN(), torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    blocks = [torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384), torch.nn.GELU()] * 1
+    net = torch.nn.Sequential(
+        torch.nn.Linear(128, 384), *blocks, torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384),
+        torch.nn.Flatten(), torch.nn.Linear(64 * 384, 10),
+    )  # fmt: skip
+    return net, torch.randn(batch, 64, 128), torch.randint(0, 10, (batch,))
+
+
+def _steps(variant: str, steps: int, batch: int, model: str = "cnn") -> list[float]:
+    net, x, y = _model(model, batch)
     bk = None if variant == "nodp" else _bookkeeping(net, hide_weights=variant == "bk")
     out = []
     for i in range(steps + 3):
@@ -59,6 +70,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model", choices=("cnn", "mlp"), default="cnn", help="mlp: Linear layers over 64 tokens")
     p.add_argument("--profile", action="store_true", help="torch profiler table of 5 bk steps")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,12 +78,13 @@ def main() -> None:
     med: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for v in variants:
-            med[v].append(1e3 * statistics.median(_steps(v, args.steps, args.batch_size)))
+            med[v].append(1e3 * statistics.median(_steps(v, args.steps, args.batch_size, args.model)))
     result: dict[str, Any] = {
         "cpu_ms_per_step_per_round": {v: [round(t, 1) for t in med[v]] for v in variants},
         "over_nodp_per_round": {
             v: [round(a / b, 3) for a, b in zip(med[v], med["nodp"], strict=True)] for v in variants
         },
+        "model": args.model,
         "batch_size": args.batch_size,
         "steps": args.steps,
         "threads": args.threads,
