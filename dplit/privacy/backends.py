@@ -48,6 +48,8 @@ class PerSampleBackend:
     optimizer_family: ClassVar[str] = "hooks"
     ddp_verified: ClassVar[bool] = False
     """Tested under DDP (per-example clipping before DDP's all-reduce, noise once across ranks)."""
+    mixed_precision_safe: ClassVar[bool] = False
+    """Under ``bf16-mixed``: norms and clipped sums in float32 from per-example captures (see ``precision``)."""
 
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         self.module = module
@@ -89,6 +91,7 @@ class OpacusHooks(PerSampleBackend):
 
     name = "hooks"
     ddp_verified = True
+    mixed_precision_safe = True  # the DP optimizer widens grad_sample before norms and sums
 
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         super().__init__(module, config)
@@ -288,6 +291,7 @@ class BookKeepingBackend(PerSampleBackend):
     name = "bookkeeping"
     optimizer_family = "ghost"
     ddp_verified = True  # clipped sums written locally, all-reduced by the DP optimizer
+    mixed_precision_safe = True  # captures widened to float32 before norms and clipped sums
 
     def __init__(self, module: nn.Module, config: PrivacyConfig) -> None:
         super().__init__(module, config)

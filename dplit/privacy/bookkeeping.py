@@ -36,6 +36,7 @@ from torch.nn.functional import pad, unfold
 from dplit.models.lstm import LSTMScan
 from dplit.privacy.coverage import UncoveredParameterError
 from dplit.privacy.lstm_rules import GateCapture
+from dplit.privacy.precision import widen
 from dplit.privacy.transformer_rules import bookkeeping_rule, tied_cross_sq, tied_reason, to_units
 
 RULES: dict[type[nn.Module], tuple[str, ...]] = {
@@ -128,7 +129,10 @@ class BookKeeping:
         self._calls: dict[nn.Module, int] = {}  # training forwards per layer since the last clip_into_grad
         self._handles = []
         self._gates = GateCapture(module, own_weight_grad=True)  # LSTM layers: gate gradients, weight.grad by us
+        self._hidden: set[nn.Module] = set()  # layers whose weight is frozen for the current forward (see below)
         for m in self.layers:
+            if isinstance(m, nn.Linear | nn.Conv2d):
+                self._handles.append(m.register_forward_pre_hook(self._hide_weight))
             self._handles.append(m.register_forward_hook(self._forward_hook))
             if not isinstance(m, LSTMScan):
                 self._handles.append(m.register_full_backward_hook(self._backward_hook))
@@ -139,7 +143,30 @@ class BookKeeping:
         """The parameters whose ``grad`` ``clip_into_grad`` writes (every trainable parameter of the model)."""
         return {p for m in self.layers for _, p in _trainable(m)}
 
+    def _hide_weight(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """Linear/Conv2d: run the training forward with ``weight.requires_grad`` off, so that autograd does not form
+        the summed weight gradient ``g^T a`` that ``clip_into_grad`` replaces anyway (the backward then computes only
+        the input and bias gradients; the output gradient ``g`` is still captured). Kept when the output would not
+        require grad otherwise (a first layer without a trainable bias): its backward hook needs a gradient to see.
+        The flag is restored by the forward hook, and by ``clip_into_grad``/``remove_hooks`` if a forward failed."""
+        weight = module.weight
+        if not (module.training and torch.is_grad_enabled() and isinstance(weight, torch.Tensor)):
+            return
+        bias = getattr(module, "bias", None)
+        through_input = isinstance(inputs[0], torch.Tensor) and inputs[0].requires_grad
+        if weight.requires_grad and (through_input or (isinstance(bias, torch.Tensor) and bias.requires_grad)):
+            weight.requires_grad_(False)
+            self._hidden.add(module)
+
+    def _restore_weights(self) -> None:
+        for m in self._hidden:
+            m.weight.requires_grad_(True)
+        self._hidden.clear()
+
     def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        if module in self._hidden:
+            module.weight.requires_grad_(True)
+            self._hidden.discard(module)
         if module.training and torch.is_grad_enabled():
             self._calls[module] = self._calls.get(module, 0) + 1
             if not isinstance(module, LSTMScan):  # LSTMScan keeps its own (see _capture)
@@ -150,6 +177,7 @@ class BookKeeping:
             self._store[module]["g"].append(grad_output[0].detach())
 
     def remove_hooks(self) -> None:
+        self._restore_weights()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -170,10 +198,11 @@ class BookKeeping:
             if calls == 0 or captured is None:
                 return None
             h_prev, dz, _ = captured
-            return {"a": h_prev, "g": dz}  # [D, B, T, H], [D, B, T, 4H]
+            return {"a": widen(h_prev), "g": widen(dz)}  # [D, B, T, H], [D, B, T, 4H]
         if kept is None or not kept["g"]:
             return None
-        return {"a": kept["a"][0], "g": kept["g"][0]}
+        # bf16-mixed: each example's captures widened to float32; norms and clipped sums are then float32
+        return {"a": widen(kept["a"][0]), "g": widen(kept["g"][0])}
 
     @torch.no_grad()
     def clip_into_grad(self, empty: bool = False) -> None:
@@ -181,6 +210,7 @@ class BookKeeping:
 
         ``empty``: the physical batch had no rows (the task may not have run the model): the sum is zero.
         """
+        self._restore_weights()
         if empty:  # the clipped sum of no examples; the optimizer still adds the noise
             self._store.clear()
             self._calls.clear()

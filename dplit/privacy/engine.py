@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dplit.privacy.backends import PerSampleBackend
 from dplit.privacy.config import PrivacyConfig
+from dplit.privacy.rng import entropy_seed
 from dplit.privacy.stepping import (
     BatchTrace,
     ShuffledBatches,
@@ -148,6 +149,12 @@ def make_loader(
     fixed-size batches each pass (the accountant then counts one Gaussian mechanism per pass). Every physical batch
     is recorded in ``trace`` (see :mod:`dplit.privacy.stepping`); ``max_physical_batch_size`` splits each logical
     batch into physical ones, and the optimizer steps (and the accountant counts) once per logical batch.
+
+    Workers (``num_workers > 0``, ``persistent_workers``, ``pin_memory``) only load the examples of the indices the
+    batch sampler yields; the sampler itself runs in the training process, so the draws are the same with or without
+    workers. The DataLoader's own ``generator`` (from which each ``iter()`` draws the workers' base seed) is a separate
+    one seeded from OS entropy: the secret sampling stream is neither consumed by nor revealed through worker seeds
+    (``tests/test_dataloading.py``).
     """
     dataset = loader.dataset
     n = len(dataset)  # type: ignore[arg-type]
@@ -185,7 +192,7 @@ def make_loader(
         pin_memory=loader.pin_memory,
         worker_init_fn=loader.worker_init_fn,
         persistent_workers=loader.persistent_workers,
-        generator=generator,  # iter() draws its worker base seed from it
+        generator=torch.Generator().manual_seed(entropy_seed()),  # worker base seeds: not the sampling stream
     )
 
 

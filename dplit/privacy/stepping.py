@@ -29,6 +29,7 @@ from torch.utils.data import Sampler
 
 from dplit.privacy.accounting import Event, PrivacyAccountant
 from dplit.privacy.algorithms import DPAlgorithm, checked_factors
+from dplit.privacy.precision import widen
 
 
 class BatchTrace:
@@ -269,7 +270,7 @@ def controlled_optimizer_class(base: type) -> type:
                 return
             if isinstance(self, DPPerLayerOptimizer | SimpleDistributedPerLayerOptimizer):
                 return super().clip_and_accumulate()  # per-layer clipping: Opacus' own (DP-SGD, one row a unit)
-            grads = self.grad_samples  # each [rows, *param.shape]
+            grads = [widen(g) for g in self.grad_samples]  # each [rows, *param.shape]; float32 under bf16-mixed
             rows = len(grads[0])
             k = controller.rows_per_unit(rows)
             if k > 1:  # a unit's gradient: the mean of its K rows' (each row's own loss gradient), then clipped

@@ -1,0 +1,109 @@
+"""Micro-benchmark of one book-keeping step on MnistCNN (B=256), no Lightning: process CPU time per step, and the
+operators that take it (torch profiler).
+
+Three variants in one process, interleaved: ``nodp`` (forward + backward), ``bk_autograd_weight_grad`` (book-keeping
+with autograd also forming the summed weight gradients, as before the weights were hidden from autograd) and
+``bk`` (book-keeping as shipped). CPU time (``time.process_time``) is less sensitive than wall time to other
+processes on a shared machine, though not immune (caches, memory bandwidth).
+
+    .venv/bin/python scripts/bench_bookkeeping_step.py --rounds 3 --steps 15 [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from dplit.models import MnistCNN
+from dplit.privacy.bookkeeping import BookKeeping
+
+
+def _bookkeeping(net: torch.nn.Module, hide_weights: bool) -> BookKeeping:
+    bk = BookKeeping(net, 1.0)
+    if not hide_weights:  # the hooks without the forward pre-hooks that hide weights from autograd
+        bk.remove_hooks()
+        for m in bk.layers:
+            bk._handles.append(m.register_forward_hook(bk._forward_hook))
+            bk._handles.append(m.register_full_backward_hook(bk._backward_hook))
+    return bk
+
+
+def _model(name: str, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """MnistCNN on [B, 1, 28, 28]; or a transformer-sized MLP block stack (Linear 384-1536-384 x 2, 64 tokens)."""
+    torch.manual_seed(0)
+    if name == "cnn":
+        return MnistCNN(), torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    blocks = [torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384), torch.nn.GELU()] * 1
+    net = torch.nn.Sequential(
+        torch.nn.Linear(128, 384), *blocks, torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384),
+        torch.nn.Flatten(), torch.nn.Linear(64 * 384, 10),
+    )  # fmt: skip
+    return net, torch.randn(batch, 64, 128), torch.randint(0, 10, (batch,))
+
+
+def _steps(variant: str, steps: int, batch: int, model: str = "cnn") -> list[float]:
+    net, x, y = _model(model, batch)
+    bk = None if variant == "nodp" else _bookkeeping(net, hide_weights=variant == "bk")
+    out = []
+    for i in range(steps + 3):
+        t0 = time.process_time()
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        if bk is not None:
+            bk.clip_into_grad()
+        if i >= 3:
+            out.append(time.process_time() - t0)
+    if bk is not None:
+        bk.remove_hooks()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model", choices=("cnn", "mlp"), default="cnn", help="mlp: Linear layers over 64 tokens")
+    p.add_argument("--profile", action="store_true", help="torch profiler table of 5 bk steps")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = ("nodp", "bk_autograd_weight_grad", "bk")
+    med: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for v in variants:
+            med[v].append(1e3 * statistics.median(_steps(v, args.steps, args.batch_size, args.model)))
+    result: dict[str, Any] = {
+        "cpu_ms_per_step_per_round": {v: [round(t, 1) for t in med[v]] for v in variants},
+        "over_nodp_per_round": {
+            v: [round(a / b, 3) for a, b in zip(med[v], med["nodp"], strict=True)] for v in variants
+        },
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "threads": args.threads,
+    }
+    print(json.dumps(result))
+    if args.profile:
+        from torch.profiler import profile
+
+        torch.manual_seed(0)
+        net = MnistCNN()
+        x, y = torch.randn(args.batch_size, 1, 28, 28), torch.randint(0, 10, (args.batch_size,))
+        bk = _bookkeeping(net, hide_weights=True)
+        with profile() as prof:
+            for _ in range(5):
+                net.zero_grad(set_to_none=True)
+                F.cross_entropy(net(x), y).backward()
+                bk.clip_into_grad()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
