@@ -84,7 +84,8 @@ def run_job(script: str, args: list[str], cwd=None, returncode: int = 0) -> None
     from pathlib import Path
 
     here = Path(__file__).parent
-    env = dict(os.environ, PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # the repository root first (absolute): a relative PYTHONPATH=. would point at cwd, not at this checkout
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, str(here / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )

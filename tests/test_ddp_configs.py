@@ -22,7 +22,8 @@ FAST = ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.ena
 
 
 def _fit_ddp(config: str, data_args: list[str], cwd: Path) -> list[dict[str, str]]:
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # this checkout's dplit, whatever the cwd
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
     cmd = [sys.executable, "-m", "dplit.cli", "fit", f"--config={ROOT / 'configs' / config}", *DDP, *FAST, *data_args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -54,7 +54,8 @@ def srun_environment(rank: int, port: int) -> dict[str, str]:
 
 
 def _start(out: Path, args: list[str], cwd: Path, launcher: str) -> list[subprocess.Popen]:
-    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    path = os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])  # this checkout's dplit
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     port = _free_port()
     script = [str(HERE / "ddp_dp_job.py"), str(out), *args]
     if launcher == "local":
