@@ -27,6 +27,10 @@ from dplit.data.vision import (
     cut_groups,
     fixed_subset,
     image_transforms,
+    limit_training,
+    list_images,
+    require_dirs,
+    require_root,
     seeded_split,
 )
 
@@ -72,12 +76,9 @@ def scan_utkface(root: str | Path) -> UTKFaceIndex:
     folder = Path(root)
     if not any(folder.glob("*.jpg")) and (folder / "UTKFace").is_dir():
         folder = folder / "UTKFace"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"UTKFace: no folder {folder}. {WHERE}")
+    require_dirs([folder], "UTKFace", WHERE)
     files, labels, bad = [], [], []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or "jpg" not in path.name.lower():
-            continue
+    for path in list_images(folder, ("jpg",)):  # also the malformed official names ending in "jpg"
         parsed = parse_utkface_name(path.name)
         if parsed is None:
             bad.append(path.name)
@@ -203,9 +204,7 @@ class UTKFaceDataModule(GroupedDataModule):
 
     def load_splits(self) -> Mapping[str, Dataset]:
         """Scans the folder, splits it, cuts the training groups and wraps each split for lazy decoding."""
-        if self.root is None:
-            raise FileNotFoundError(f"UTKFace needs `--data.root`. {WHERE}")
-        index = scan_utkface(self.root)
+        index = scan_utkface(require_root(self.root, "UTKFace", WHERE))
         self.bad_names = index.bad
         age, gender, race = index.labels.T
         band = np.searchsorted(np.asarray(self.age_edges), age, side="right") - 1  # [N]
@@ -219,9 +218,7 @@ class UTKFaceDataModule(GroupedDataModule):
                 group[train_idx, column], names, self.underrepresented, self.seed, "data.underrepresented"
             )
             train_idx = train_idx[kept]
-        if self.limit_train is not None and self.limit_train < len(train_idx):
-            sub = np.random.default_rng([self.seed, 1]).choice(len(train_idx), self.limit_train, replace=False)
-            train_idx = train_idx[np.sort(sub)]
+        train_idx = limit_training(train_idx, self.limit_train, self.seed)
         if self.limit_eval is not None:
             val_idx, test_idx = (fixed_subset(idx, self.limit_eval) for idx in (val_idx, test_idx))
 
