@@ -158,10 +158,9 @@ def table(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         privacy = "non-DP" if r["target_eps"] is None else f"eps {r['epsilon']:.2f}"
+        cells = [100 * r.get(f"test/{k}", float("nan")) for k in ("acc", "worst_group_acc", "acc_gap", "auc_gap")]
         lines.append(f"| {r['data']} | {r['layers']} | {privacy} | {'yes' if r['ema'] else 'no'} | "
-                     f"{100 * r.get('test/acc', float('nan')):.1f} | {100 * r.get('test/worst_group_acc', float('nan')):.1f}"
-                     f" | {100 * r.get('test/acc_gap', float('nan')):.1f} | {100 * r.get('test/auc_gap', float('nan')):.1f}"
-                     f" | {r['seconds']} |")  # fmt: skip
+                     + " | ".join(f"{c:.1f}" for c in cells) + f" | {r['seconds']} |")  # fmt: skip
     return "\n".join(lines)
 
 
