@@ -111,6 +111,17 @@ def vision_data_args(text: str, request) -> list[str] | None:
                  "--data.init_args.crop=16", "--data.init_args.batch_size=16",
                  "--data.init_args.eval_batch_size=16"]  # fmt: skip
         return args + (["--data.init_args.underrepresented={Black: 5}"] if "underrepresented:" in text else [])
+    small = ["--data.init_args.resize=20", "--data.init_args.crop=16", "--data.init_args.batch_size=16",
+             "--data.init_args.eval_batch_size=16"]  # fmt: skip
+    if "dplit.data.FairFaceDataModule" in text:
+        root = write_fairface(request.getfixturevalue("tmp_path_factory").mktemp("fairface"))
+        return args + [f"--data.init_args.root={root}", "--data.init_args.underrepresented={Black: 3}", *small]
+    if "dplit.data.CelebADataModule" in text:
+        from torchvision.datasets import CelebA
+
+        request.getfixturevalue("monkeypatch").setattr(CelebA, "_check_integrity", lambda self: True)  # not official
+        root = write_celeba(request.getfixturevalue("tmp_path_factory").mktemp("celeba"), n=40)
+        return args + [f"--data.init_args.root={root}", *small]
     if "dplit.data.CIFARDataModule" in text:
         cifar100 = "dataset: cifar100" in text
         root = request.getfixturevalue("cifar100_root" if cifar100 else "cifar_jpeg_root")

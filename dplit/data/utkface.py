@@ -132,6 +132,9 @@ class UTKFaceDataModule(GroupedDataModule):
         resize: Side the faces are resized to before cropping (the paper: 80).
         crop: Side of the crop fed to the model (the paper: 64; random in training, centre in evaluation).
         augment: Random crop and horizontal flip in training (else the centre crop).
+        augmentation_multiplicity: K > 1: each training face is K augmented views ``[K, 3, crop, crop]``, one
+            privacy unit (De et al. 2022); train with :class:`~dplit.tasks.MultiViewClassificationTask`, whose K
+            rows the DP callback averages per face before clipping (the sensitivity stays ``max_grad_norm``).
         normalization: Input statistics the backbone expects: ``imagenet`` or ``inception`` (0.5/0.5; TF-ported
             models such as EfficientNet-Lite).
         limit_train: Keep a random subset of this many training faces, after the cut.
@@ -155,6 +158,7 @@ class UTKFaceDataModule(GroupedDataModule):
         resize: int = 80,
         crop: int = 64,
         augment: bool = True,
+        augmentation_multiplicity: int = 1,
         normalization: Normalization = "imagenet",
         limit_train: int | None = None,
         limit_eval: int | None = None,
@@ -175,7 +179,10 @@ class UTKFaceDataModule(GroupedDataModule):
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"data.val_fraction ({val_fraction}) and data.test_fraction ({test_fraction}) must be in "
                              "(0, 1) with a sum below 1")  # fmt: skip
-        check_at_least(1, resize=resize, crop=crop, limit_train=limit_train, limit_eval=limit_eval)
+        check_at_least(1, resize=resize, crop=crop, limit_train=limit_train, limit_eval=limit_eval,
+                       augmentation_multiplicity=augmentation_multiplicity)  # fmt: skip
+        if augmentation_multiplicity > 1 and not augment:
+            raise ValueError("data.augmentation_multiplicity > 1 needs data.augment: true (else the K views are equal)")
         if crop > resize:
             raise ValueError(f"data.crop ({crop}) must be <= data.resize ({resize})")
         self.save_hyperparameters()
@@ -197,6 +204,7 @@ class UTKFaceDataModule(GroupedDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.split_seed, self.seed = split_seed, seed
         self.resize, self.crop, self.augment = resize, crop, augment
+        self.augmentation_multiplicity = augmentation_multiplicity
         self.normalization: Normalization = normalization
         self.limit_train, self.limit_eval = limit_train, limit_eval
         self.bad_names: list[str] = []  # set by setup
@@ -224,9 +232,9 @@ class UTKFaceDataModule(GroupedDataModule):
 
         def make(idx: np.ndarray, train: bool) -> GroupedImageDataset:
             transform = image_transforms(self.resize, self.crop, train and self.augment, self.normalization)
-            return GroupedImageDataset(
-                [index.files[i] for i in idx], torch.from_numpy(target[idx]), torch.from_numpy(group[idx]), transform
-            )
+            views = self.augmentation_multiplicity if train else 1
+            return GroupedImageDataset([index.files[i] for i in idx], torch.from_numpy(target[idx]),
+                                       torch.from_numpy(group[idx]), transform, views=views)  # fmt: skip
 
         splits: dict[str, GroupedImageDataset] = {
             "train": make(train_idx, True),
