@@ -181,3 +181,65 @@ def write_celeba(root: Path, n: int = 12, size: int = 12) -> Path:
         f"{n}\n{landmarks}\n" + "".join(f"{a} 69  109  106  113   77  142   73  152  108  154\n" for a in names)
     )
     return root
+
+
+CHEXPERT_HEADER = ("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,"
+                   "Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,"
+                   "Fracture,Support Devices")  # fmt: skip
+CHEXPERT_RACES = ("White", "Black or African American", "Asian, non-Hispanic", "Other", "Patient Refused")
+
+
+def write_chexpert(root: Path, patients: int = 20, size: int = 16) -> Path:
+    """CheXpert-v1.0-small as released: ``train.csv``/``valid.csv`` (labels ``1.0``/``0.0``/``-1.0``/blank in
+    train, no uncertain ones in valid), grey JPEGs at ``{train,valid}/patientNNNNN/studyN/viewN_{frontal,lateral}
+    .jpg``, plus ``CHEXPERT DEMO.csv`` (``PATIENT,GENDER,AGE_AT_CXR,PRIMARY_RACE,ETHNICITY``; the last patient
+    missing). Each training patient has a frontal and a lateral view; one row has sex ``Unknown`` (skipped)."""
+    rng = np.random.default_rng(5)
+    release = root / "CheXpert-v1.0-small"
+    demo = ["PATIENT,GENDER,AGE_AT_CXR,PRIMARY_RACE,ETHNICITY"]
+    for split, count, first in (("train", patients, 1), ("valid", max(4, patients // 4), 64541)):
+        rows = [CHEXPERT_HEADER]
+        for i in range(count):
+            pid = f"patient{first + i:05d}"
+            sex, age = ("Female", "Male")[i % 2], 20 + (i * 7) % 70
+            views = ("frontal", "lateral") if split == "train" else ("frontal",)
+            for v, view in enumerate(views, start=1):
+                rel = f"CheXpert-v1.0-small/{split}/{pid}/study1/view{v}_{view}.jpg"
+                if split == "train":
+                    cells = [rng.choice(["1.0", "0.0", "-1.0", ""]) for _ in range(14)]
+                else:
+                    cells = [rng.choice(["1.0", "0.0"]) for _ in range(14)]
+                frontal = view == "frontal"
+                rows.append(f"{rel},{sex},{age},{'Frontal' if frontal else 'Lateral'},{'AP' if frontal else ''},"
+                            + ",".join(cells))  # fmt: skip
+                pixels = rng.integers(0, 255, (size, size)).astype(np.uint8)
+                path = root / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                from PIL import Image
+
+                Image.fromarray(pixels, mode="L").save(path, format="JPEG")
+            if i < count - 1:
+                race = CHEXPERT_RACES[i % len(CHEXPERT_RACES)]
+                demo.append(f'{pid},{sex},{age},"{race}",Non-Hispanic/Non-Latino')
+        if split == "train":
+            rows.append(f"CheXpert-v1.0-small/train/{pid}/study1/view1_frontal.jpg,Unknown,50,Frontal,AP" + ",0.0" * 14)
+        (release / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    (root / "CHEXPERT DEMO.csv").write_text("\n".join(demo) + "\n")
+    return root
+
+
+def write_inaturalist(root: Path, version: str = "2019", per_category: int = 3, size: int = 16) -> Path:
+    """torchvision's iNaturalist layouts: ``2019/<super>/<numeric category>/*.jpg`` (2 super categories, 3 species)
+    or ``2021_train_mini/NNNNN_<kingdom>_..._<species>/*.jpg`` (3 species in 2 classes)."""
+    rng = np.random.default_rng(6)
+    if version.startswith("2021"):
+        folders = ["00000_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax",
+                   "00001_Animalia_Chordata_Aves_Passeriformes_Paridae_Parus_major",
+                   "00002_Plantae_Tracheophyta_Magnoliopsida_Rosales_Rosaceae_Rosa_canina"]  # fmt: skip
+    else:
+        folders = ["Birds/0", "Birds/1", "Plants/2"]  # 2018/2019: category ids 0..C-1 as folder names
+    for c, folder in enumerate(folders):
+        for i in range(per_category):
+            pixels = rng.integers(0, 100, (size, size, 3)) + 60 * c
+            _jpeg(root / version / folder / f"{c}{i:03d}abc.jpg", pixels.astype(np.uint8))
+    return root
