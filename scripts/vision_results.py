@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--block-epochs", type=int, default=10)
     parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ema-only", action="store_true", help="DP cells with EMA only (to save time)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     args.epochs = {"head": args.head_epochs, "last_block": args.block_epochs}
@@ -201,7 +202,8 @@ def main() -> None:
         dm.setup("fit")
         done = {(r["layers"], r["target_eps"], r["ema"]) for r in rows}
         cells = [(la, None, False) for la in args.layers]
-        cells += [(la, e, ema) for la in args.layers for e in args.epsilons for ema in (False, True)]
+        emas = (True,) if args.ema_only else (False, True)
+        cells += [(la, e, ema) for la in args.layers for e in args.epsilons for ema in emas]
         for layers, eps, ema in cells:
             if (layers, eps, ema) in done:
                 continue

@@ -105,7 +105,8 @@ def vision_data_args(text: str, request) -> list[str] | None:
     args = ["--trainer.limit_train_batches=3"]
     if "dplit.models.TimmBackbone" in text:
         args += ["--model.init_args.backbone.init_args.name=test_efficientnet",
-                 "--model.init_args.backbone.init_args.weights=null"]  # fmt: skip
+                 "--model.init_args.backbone.init_args.weights=null",
+                 "--model.init_args.backbone.init_args.pretrained=false"]  # fmt: skip
     if "dplit.data.UTKFaceDataModule" in text:
         args += [f"--data.init_args.root={request.getfixturevalue('utkface_root')}", "--data.init_args.resize=20",
                  "--data.init_args.crop=16", "--data.init_args.batch_size=16",
@@ -122,6 +123,15 @@ def vision_data_args(text: str, request) -> list[str] | None:
         request.getfixturevalue("monkeypatch").setattr(CelebA, "_check_integrity", lambda self: True)  # not official
         root = write_celeba(request.getfixturevalue("tmp_path_factory").mktemp("celeba"), n=40)
         return args + [f"--data.init_args.root={root}", *small]
+    if "dplit.data.CheXpertDataModule" in text:
+        root = write_chexpert(request.getfixturevalue("tmp_path_factory").mktemp("chexpert"))
+        return args + [f"--data.init_args.root={root}", f"--data.init_args.demographics={root / 'CHEXPERT DEMO.csv'}",
+                       "--data.init_args.val_fraction=0.3",
+                       *(a.replace("batch_size=16", "batch_size=8") for a in small)]  # fmt: skip
+    if "dplit.data.INaturalistDataModule" in text:
+        root = write_inaturalist(request.getfixturevalue("tmp_path_factory").mktemp("inat"), per_category=12)
+        return args + [f"--data.init_args.root={root}", "--trainer.accelerator=cpu", "--data.init_args.num_workers=0",
+                       "--data.init_args.val_fraction=0.2", "--data.init_args.test_fraction=0.2", *small]  # fmt: skip
     if "dplit.data.CIFARDataModule" in text:
         cifar100 = "dataset: cifar100" in text
         root = request.getfixturevalue("cifar100_root" if cifar100 else "cifar_jpeg_root")

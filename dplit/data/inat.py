@@ -150,7 +150,7 @@ class INaturalistDataModule(GroupedDataModule):
         return {self.target: list(self._classes or [])}
 
     @property
-    def num_classes(self) -> int:
+    def num_classes(self) -> int:  # type: ignore[override]
         """Number of target classes (read from the folder)."""
         return len(self.group_attributes[self.target])
 
