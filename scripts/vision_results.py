@@ -154,13 +154,13 @@ def run_cell(cache: dict, dm: GroupedDataModule, layers: str, eps: float | None,
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| data | layers | privacy | EMA | test acc | worst-group acc | acc gap | AUC gap | time (s) |",
+    lines = ["| data | layers | privacy | EMA | test acc | worst-group acc | acc gap | AUC gap (binary) | time (s) |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         privacy = "non-DP" if r["target_eps"] is None else f"eps {r['epsilon']:.2f}"
         cells = [100 * r.get(f"test/{k}", float("nan")) for k in ("acc", "worst_group_acc", "acc_gap", "auc_gap")]
         lines.append(f"| {r['data']} | {r['layers']} | {privacy} | {'yes' if r['ema'] else 'no'} | "
-                     + " | ".join(f"{c:.1f}" for c in cells) + f" | {r['seconds']} |")  # fmt: skip
+                     + " | ".join("n/a" if c != c else f"{c:.1f}" for c in cells) + f" | {r['seconds']} |")  # fmt: skip
     return "\n".join(lines)
 
 
