@@ -8,12 +8,14 @@ import logging
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from vision_fixtures import CHEXPERT_RACES, write_chexpert
 
 from dplit.callbacks import SubgroupMetrics
 from dplit.data.chexpert import COMPETITION, RACES, coarse_race, read_demographics
 from dplit.data.chexpert_module import CheXpertDataModule
+from dplit.report.runs import load_run
 from dplit.tasks import MultiLabelTask
 
 
@@ -95,9 +97,13 @@ def test_validation_logs_per_group_auc_per_finding(root, tmp_path, caplog):
     torch.manual_seed(0)
     task = MultiLabelTask(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)))
     metrics = SubgroupMetrics(wandb_panels=False)
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    logger = CSVLogger(str(tmp_path), name="")
+    trainer = L.Trainer(max_epochs=1, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                         callbacks=[metrics], default_root_dir=str(tmp_path))  # fmt: skip
     trainer.validate(task, datamodule=dm, verbose=False)
+    run = load_run(tmp_path / "version_0")  # what `dplit report` reads
+    assert set(run.group_acc("val")) == {"Female", "Male"}
+    assert "val/auc/group=Female" in run.evals["val"] and "val/overall_auc" in run.evals["val"]
     logged = metrics.last
     assert "val/auc/group=Female" in logged and "val/auc_gap" in logged and "val/overall_auc" in logged
     assert any(k.startswith("val/auc/label=Edema/") for k in logged)
