@@ -69,3 +69,32 @@ def test_an_items_views_together_move_the_model_by_at_most_c(tmp_path, mode):
     assert update.norm() <= C * (1 + 1e-4)
     torch.testing.assert_close(update, unit * C / unit.norm(), rtol=1e-4, atol=1e-6)
     assert dp.accountant.steps == 1
+
+
+def test_utkface_faces_k_views_are_one_unit(utkface_root, tmp_path):
+    """UTKFace with K views: a face's K view rows (group [B, 3]) move the model by at most C together."""
+    from dplit.data.utkface import UTKFaceDataModule
+
+    dm = UTKFaceDataModule(root=str(utkface_root), resize=12, crop=8, augmentation_multiplicity=K, batch_size=1,
+                           limit_train=1)  # fmt: skip
+    x, y, group = next(iter(dm.train_dataloader()))
+    assert x.shape == (1, K, 3, 8, 8) and group.shape == (1, 3) and next(iter(dm.val_dataloader()))[0].dim() == 4
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    task = Recording(backbone, optimizer=partial(torch.optim.SGD, lr=1.0))
+    before = [p.detach().clone() for p in backbone.parameters()]
+    dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=C, grad_sample_mode="hooks")
+    trainer(tmp_path, [dp], max_steps=1).fit(task, datamodule=dm)
+    update = torch.cat([(b - a).reshape(-1) for b, a in zip(before, backbone.parameters(), strict=True)])
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    nn.utils.vector_to_parameters(torch.cat([b.reshape(-1) for b in before]), net.parameters())
+    target = dm.splits()["train"].y[:1]
+    rows = []
+    for k in range(K):
+        loss = nn.functional.cross_entropy(net(task.seen[:, k]), target)
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(net.parameters()))]))
+    unit = sum(rows)
+    assert update.norm() <= C * (1 + 1e-4) and sum(r.norm() for r in rows) > 1.5 * C  # K rows, one clipped unit
+    torch.testing.assert_close(update, unit * C / unit.norm(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="augment"):
+        UTKFaceDataModule(augmentation_multiplicity=2, augment=False)

@@ -105,12 +105,33 @@ def vision_data_args(text: str, request) -> list[str] | None:
     args = ["--trainer.limit_train_batches=3"]
     if "dplit.models.TimmBackbone" in text:
         args += ["--model.init_args.backbone.init_args.name=test_efficientnet",
-                 "--model.init_args.backbone.init_args.weights=null"]  # fmt: skip
+                 "--model.init_args.backbone.init_args.weights=null",
+                 "--model.init_args.backbone.init_args.pretrained=false"]  # fmt: skip
     if "dplit.data.UTKFaceDataModule" in text:
         args += [f"--data.init_args.root={request.getfixturevalue('utkface_root')}", "--data.init_args.resize=20",
                  "--data.init_args.crop=16", "--data.init_args.batch_size=16",
                  "--data.init_args.eval_batch_size=16"]  # fmt: skip
         return args + (["--data.init_args.underrepresented={Black: 5}"] if "underrepresented:" in text else [])
+    small = ["--data.init_args.resize=20", "--data.init_args.crop=16", "--data.init_args.batch_size=16",
+             "--data.init_args.eval_batch_size=16"]  # fmt: skip
+    if "dplit.data.FairFaceDataModule" in text:
+        root = write_fairface(request.getfixturevalue("tmp_path_factory").mktemp("fairface"))
+        return args + [f"--data.init_args.root={root}", "--data.init_args.underrepresented={Black: 3}", *small]
+    if "dplit.data.CelebADataModule" in text:
+        from torchvision.datasets import CelebA
+
+        request.getfixturevalue("monkeypatch").setattr(CelebA, "_check_integrity", lambda self: True)  # not official
+        root = write_celeba(request.getfixturevalue("tmp_path_factory").mktemp("celeba"), n=40)
+        return args + [f"--data.init_args.root={root}", *small]
+    if "dplit.data.CheXpertDataModule" in text:
+        root = write_chexpert(request.getfixturevalue("tmp_path_factory").mktemp("chexpert"))
+        return args + [f"--data.init_args.root={root}", f"--data.init_args.demographics={root / 'CHEXPERT DEMO.csv'}",
+                       "--data.init_args.val_fraction=0.3",
+                       *(a.replace("batch_size=16", "batch_size=8") for a in small)]  # fmt: skip
+    if "dplit.data.INaturalistDataModule" in text:
+        root = write_inaturalist(request.getfixturevalue("tmp_path_factory").mktemp("inat"), per_category=12)
+        return args + [f"--data.init_args.root={root}", "--trainer.accelerator=cpu", "--data.init_args.num_workers=0",
+                       "--data.init_args.val_fraction=0.2", "--data.init_args.test_fraction=0.2", *small]  # fmt: skip
     if "dplit.data.CIFARDataModule" in text:
         cifar100 = "dataset: cifar100" in text
         root = request.getfixturevalue("cifar100_root" if cifar100 else "cifar_jpeg_root")
@@ -169,4 +190,66 @@ def write_celeba(root: Path, n: int = 12, size: int = 12) -> Path:
     (folder / "list_landmarks_align_celeba.txt").write_text(
         f"{n}\n{landmarks}\n" + "".join(f"{a} 69  109  106  113   77  142   73  152  108  154\n" for a in names)
     )
+    return root
+
+
+CHEXPERT_HEADER = ("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,"
+                   "Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,"
+                   "Fracture,Support Devices")  # fmt: skip
+CHEXPERT_RACES = ("White", "Black or African American", "Asian, non-Hispanic", "Other", "Patient Refused")
+
+
+def write_chexpert(root: Path, patients: int = 20, size: int = 16) -> Path:
+    """CheXpert-v1.0-small as released: ``train.csv``/``valid.csv`` (labels ``1.0``/``0.0``/``-1.0``/blank in
+    train, no uncertain ones in valid), grey JPEGs at ``{train,valid}/patientNNNNN/studyN/viewN_{frontal,lateral}
+    .jpg``, plus ``CHEXPERT DEMO.csv`` (``PATIENT,GENDER,AGE_AT_CXR,PRIMARY_RACE,ETHNICITY``; the last patient
+    missing). Each training patient has a frontal and a lateral view; one row has sex ``Unknown`` (skipped)."""
+    rng = np.random.default_rng(5)
+    release = root / "CheXpert-v1.0-small"
+    demo = ["PATIENT,GENDER,AGE_AT_CXR,PRIMARY_RACE,ETHNICITY"]
+    for split, count, first in (("train", patients, 1), ("valid", max(4, patients // 4), 64541)):
+        rows = [CHEXPERT_HEADER]
+        for i in range(count):
+            pid = f"patient{first + i:05d}"
+            sex, age = ("Female", "Male")[i % 2], 20 + (i * 7) % 70
+            views = ("frontal", "lateral") if split == "train" else ("frontal",)
+            for v, view in enumerate(views, start=1):
+                rel = f"CheXpert-v1.0-small/{split}/{pid}/study1/view{v}_{view}.jpg"
+                if split == "train":
+                    cells = [rng.choice(["1.0", "0.0", "-1.0", ""]) for _ in range(14)]
+                else:
+                    cells = [rng.choice(["1.0", "0.0"]) for _ in range(14)]
+                frontal = view == "frontal"
+                rows.append(f"{rel},{sex},{age},{'Frontal' if frontal else 'Lateral'},{'AP' if frontal else ''},"
+                            + ",".join(cells))  # fmt: skip
+                pixels = rng.integers(0, 255, (size, size)).astype(np.uint8)
+                path = root / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                from PIL import Image
+
+                Image.fromarray(pixels, mode="L").save(path, format="JPEG")
+            if i < count - 1:
+                race = CHEXPERT_RACES[i % len(CHEXPERT_RACES)]
+                demo.append(f'{pid},{sex},{age},"{race}",Non-Hispanic/Non-Latino')
+        if split == "train":
+            rows.append(f"CheXpert-v1.0-small/train/{pid}/study1/view1_frontal.jpg,Unknown,50,Frontal,AP" + ",0.0" * 14)
+        (release / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    (root / "CHEXPERT DEMO.csv").write_text("\n".join(demo) + "\n")
+    return root
+
+
+def write_inaturalist(root: Path, version: str = "2019", per_category: int = 3, size: int = 16) -> Path:
+    """torchvision's iNaturalist layouts: ``2019/<super>/<numeric category>/*.jpg`` (2 super categories, 3 species)
+    or ``2021_train_mini/NNNNN_<kingdom>_..._<species>/*.jpg`` (3 species in 2 classes)."""
+    rng = np.random.default_rng(6)
+    if version.startswith("2021"):
+        folders = ["00000_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax",
+                   "00001_Animalia_Chordata_Aves_Passeriformes_Paridae_Parus_major",
+                   "00002_Plantae_Tracheophyta_Magnoliopsida_Rosales_Rosaceae_Rosa_canina"]  # fmt: skip
+    else:
+        folders = ["Birds/0", "Birds/1", "Plants/2"]  # 2018/2019: category ids 0..C-1 as folder names
+    for c, folder in enumerate(folders):
+        for i in range(per_category):
+            pixels = rng.integers(0, 100, (size, size, 3)) + 60 * c
+            _jpeg(root / version / folder / f"{c}{i:03d}abc.jpg", pixels.astype(np.uint8))
     return root

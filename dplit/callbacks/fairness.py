@@ -3,7 +3,10 @@
 Metric names (stable; see ``dplit.metrics.subgroup``): ``val/acc/group=<name>``, ``val/loss/group=<name>``,
 ``val/count/group=<name>``, binary tasks also ``val/tpr|fpr|positive_rate|auc/group=<name>``; summaries
 ``val/worst_group_acc``, ``val/acc_gap``, ``val/equalized_odds_diff``, ``val/demographic_parity_diff``,
-``val/auc_gap``, ``val/missing_groups``; the same under ``test/``. Other attributes and their intersections use
+``val/auc_gap``, ``val/missing_groups``; the same under ``test/``. Multi-label tasks (the DataModule exposes
+``multilabel_names: list[str]``; targets [B, L]) log label accuracy as ``acc`` and per-group AUC per label and
+macro: ``val/auc/group=<name>``, ``val/auc/label=<label>/group=<name>``, ``val/auc_gap``, ``val/worst_group_auc``,
+``val/overall_auc`` (see ``dplit.metrics.multilabel``). Other attributes and their intersections use
 ``<stage>/<metric>/<attr>=<name>`` and ``<stage>/<metric>/<a>&<b>=<x>&<y>``. With several attributes, every
 summary is also logged for each attribute (the primary one included) and for the intersection:
 ``<stage>/<summary>/<attr>``, e.g. ``val/worst_group_acc/race``, ``val/acc_gap/sex&race``.
@@ -34,7 +37,8 @@ log = logging.getLogger(__name__)
 class SubgroupMetrics(Callback):
     """Per-group metrics of the DataModule's group attribute(s), every validation and test epoch.
 
-    The DataModule exposes ``group_names`` (primary attribute, batch ``group`` of shape [B]) or, for several
+    The DataModule exposes ``num_classes``, ``multilabel_names`` for a multi-label task, and ``group_names``
+    (primary attribute, batch ``group`` of shape [B]) or, for several
     attributes, ``group_attributes: dict[str, list[str]]`` with batch ``group`` of shape [B, A] (column 0 primary).
 
     Args:
@@ -70,6 +74,7 @@ class SubgroupMetrics(Callback):
         attributes: dict[str, list[str]] | None = getattr(dm, "group_attributes", None)
         names: list[str] | None = getattr(dm, "group_names", None)
         num_classes = getattr(dm, "num_classes", None)
+        label_names: list[str] | None = getattr(dm, "multilabel_names", None)
         if (attributes is None and names is None) or num_classes is None:
             raise ValueError(
                 "SubgroupMetrics needs a LightningDataModule exposing `group_names` (or `group_attributes`) and "
@@ -88,7 +93,9 @@ class SubgroupMetrics(Callback):
             self._summary_suffix = {view: "/" + (attrs[0][0] if view == "group" else view) for view in self.views}
         self.metrics = {
             s: {
-                view: GroupMetrics(len(names_), int(num_classes), compute_auc=self.compute_auc).to(pl_module.device)
+                view: GroupMetrics(
+                    len(names_), int(num_classes), compute_auc=self.compute_auc, label_names=label_names
+                ).to(pl_module.device)
                 for view, (names_, _) in self.views.items()
             }
             for s in ("val", "test")

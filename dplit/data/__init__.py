@@ -2,8 +2,10 @@
 
 from dplit.data.base import GroupedDataModule, GroupedTensorDataset, eval_dataloader
 from dplit.data.celeba import CelebADataModule
+from dplit.data.chexpert_module import CheXpertDataModule
 from dplit.data.cifar import CIFARDataModule
 from dplit.data.fairface import FairFaceDataModule
+from dplit.data.inat import INaturalistDataModule
 from dplit.data.lm_bias import LMCorpusDataModule
 from dplit.data.mnist import ImbalancedMNISTDataModule
 from dplit.data.tabular_datasets import AdultDataModule, CreditDefaultDataModule, GermanCreditDataModule
@@ -14,12 +16,14 @@ from dplit.data.utkface import UTKFaceDataModule
 __all__ = [
     "CIFARDataModule",
     "CelebADataModule",
+    "CheXpertDataModule",
     "FairFaceDataModule",
     "AdultDataModule",
     "CreditDefaultDataModule",
     "GermanCreditDataModule",
     "GroupedDataModule",
     "GroupedTensorDataset",
+    "INaturalistDataModule",
     "ImbalancedMNISTDataModule",
     "TabularDataModule",
     "LMCorpusDataModule",

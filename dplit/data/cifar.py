@@ -29,6 +29,10 @@ from dplit.data.vision import (
     cut_groups,
     fixed_subset,
     image_transforms,
+    limit_training,
+    list_image_folder,
+    require_dirs,
+    require_root,
     seeded_split,
 )
 
@@ -83,19 +87,6 @@ def read_cifar_pickles(root: str | Path, dataset: Literal["cifar10", "cifar100"]
         images.append(data.transpose(0, 2, 3, 1))  # [n, 32, 32, 3]
         labels.extend(entry[label_key])
     return np.ascontiguousarray(np.concatenate(images)), np.asarray(labels, dtype=np.int64)
-
-
-def list_image_folder(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
-    """Image files of ``folder/<class>/`` (sorted) and their class ids; the class folders must be ``classes``."""
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if found != sorted(classes):
-        raise ValueError(f"{folder}: class folders {found[:12]} are not the expected {sorted(classes)[:12]}...")
-    files, labels = [], []
-    for index, name in enumerate(classes):
-        members = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        files += members
-        labels += [index] * len(members)
-    return files, np.asarray(labels, dtype=np.int64)
 
 
 class CIFARDataModule(GroupedDataModule):
@@ -189,11 +180,7 @@ class CIFARDataModule(GroupedDataModule):
         return LABELS[self.dataset] + (" (JPEG)" if self.source == "imagefolder" else "")
 
     def _root(self) -> Path:
-        if self.root is None:
-            raise FileNotFoundError(
-                f"{LABELS[self.dataset]} needs `--data.root`. " + WHERE.format(folder=PICKLE_FOLDERS[self.dataset])
-            )
-        return Path(self.root)
+        return require_root(self.root, LABELS[self.dataset], WHERE.format(folder=PICKLE_FOLDERS[self.dataset]))
 
     def _resolve_source(self) -> Literal["pickle", "imagefolder"]:
         root = self._root()
@@ -232,11 +219,8 @@ class CIFARDataModule(GroupedDataModule):
             train_x, train_y = read_cifar_pickles(root, self.dataset, "train")
             test_x, test_y = read_cifar_pickles(root, self.dataset, "test")
         else:
-            if not (root / "train").is_dir() or not (root / "test").is_dir():
-                raise FileNotFoundError(
-                    f"{LABELS[self.dataset]}: no train/ and test/ under {root}. "
-                    + WHERE.format(folder=PICKLE_FOLDERS[self.dataset])
-                )
+            where = WHERE.format(folder=PICKLE_FOLDERS[self.dataset])
+            require_dirs([root / "train", root / "test"], LABELS[self.dataset], where)
             classes = self.group_attributes["class"]
             train_x, train_y = list_image_folder(root / "train", classes)
             test_x, test_y = list_image_folder(root / "test", classes)
@@ -252,9 +236,7 @@ class CIFARDataModule(GroupedDataModule):
                 "data.underrepresented",
             )
             train_idx = train_idx[kept]
-        if self.limit_train is not None and self.limit_train < len(train_idx):
-            sub = np.random.default_rng([self.seed, 1]).choice(len(train_idx), self.limit_train, replace=False)
-            train_idx = train_idx[np.sort(sub)]
+        train_idx = limit_training(train_idx, self.limit_train, self.seed)
         test_idx = np.arange(len(test_y))
         if self.limit_eval is not None:
             val_idx, test_idx = (fixed_subset(idx, self.limit_eval) for idx in (val_idx, test_idx))

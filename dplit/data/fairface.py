@@ -25,6 +25,9 @@ from dplit.data.vision import (
     cut_groups,
     fixed_subset,
     image_transforms,
+    limit_training,
+    require_listed_files,
+    require_root,
     seeded_split,
 )
 
@@ -137,23 +140,19 @@ class FairFaceDataModule(GroupedDataModule):
 
     def load_splits(self) -> Mapping[str, Dataset]:
         """Reads both label files, holds out validation faces, cuts races and wraps the splits."""
-        if self.root is None:
-            raise FileNotFoundError(f"FairFace needs `--data.root`. {WHERE}")
-        train_files, train_labels, bad_train = read_fairface_labels(self.root, "train")
-        test_files, test_labels, bad_test = read_fairface_labels(self.root, "val")
+        root = require_root(self.root, "FairFace", WHERE)
+        train_files, train_labels, bad_train = read_fairface_labels(root, "train")
+        test_files, test_labels, bad_test = read_fairface_labels(root, "val")
         self.skipped_rows = bad_train + bad_test
         for files in (train_files, test_files):
-            if files and not files[0].is_file():
-                raise FileNotFoundError(f"FairFace: the label files point at {files[0]}, which is missing. {WHERE}")
+            require_listed_files(files, "FairFace", WHERE)
         column = list(self.group_attributes).index(self.task)
         val_idx, train_idx = seeded_split(len(train_files), [self.val_fraction], self.split_seed)
         if self.underrepresented:
             kept, _ = cut_groups(train_labels[train_idx, 0], RACES, self.underrepresented, self.seed,
                                  "data.underrepresented")  # fmt: skip
             train_idx = train_idx[kept]
-        if self.limit_train is not None and self.limit_train < len(train_idx):
-            sub = np.random.default_rng([self.seed, 1]).choice(len(train_idx), self.limit_train, replace=False)
-            train_idx = train_idx[np.sort(sub)]
+        train_idx = limit_training(train_idx, self.limit_train, self.seed)
         test_idx = fixed_subset(np.arange(len(test_files)), self.limit_eval)
         val_idx = fixed_subset(val_idx, self.limit_eval)
 

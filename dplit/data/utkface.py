@@ -27,6 +27,10 @@ from dplit.data.vision import (
     cut_groups,
     fixed_subset,
     image_transforms,
+    limit_training,
+    list_images,
+    require_dirs,
+    require_root,
     seeded_split,
 )
 
@@ -72,12 +76,9 @@ def scan_utkface(root: str | Path) -> UTKFaceIndex:
     folder = Path(root)
     if not any(folder.glob("*.jpg")) and (folder / "UTKFace").is_dir():
         folder = folder / "UTKFace"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"UTKFace: no folder {folder}. {WHERE}")
+    require_dirs([folder], "UTKFace", WHERE)
     files, labels, bad = [], [], []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or "jpg" not in path.name.lower():
-            continue
+    for path in list_images(folder, ("jpg",)):  # also the malformed official names ending in "jpg"
         parsed = parse_utkface_name(path.name)
         if parsed is None:
             bad.append(path.name)
@@ -131,6 +132,9 @@ class UTKFaceDataModule(GroupedDataModule):
         resize: Side the faces are resized to before cropping (the paper: 80).
         crop: Side of the crop fed to the model (the paper: 64; random in training, centre in evaluation).
         augment: Random crop and horizontal flip in training (else the centre crop).
+        augmentation_multiplicity: K > 1: each training face is K augmented views ``[K, 3, crop, crop]``, one
+            privacy unit (De et al. 2022); train with :class:`~dplit.tasks.MultiViewClassificationTask`, whose K
+            rows the DP callback averages per face before clipping (the sensitivity stays ``max_grad_norm``).
         normalization: Input statistics the backbone expects: ``imagenet`` or ``inception`` (0.5/0.5; TF-ported
             models such as EfficientNet-Lite).
         limit_train: Keep a random subset of this many training faces, after the cut.
@@ -154,6 +158,7 @@ class UTKFaceDataModule(GroupedDataModule):
         resize: int = 80,
         crop: int = 64,
         augment: bool = True,
+        augmentation_multiplicity: int = 1,
         normalization: Normalization = "imagenet",
         limit_train: int | None = None,
         limit_eval: int | None = None,
@@ -174,7 +179,10 @@ class UTKFaceDataModule(GroupedDataModule):
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"data.val_fraction ({val_fraction}) and data.test_fraction ({test_fraction}) must be in "
                              "(0, 1) with a sum below 1")  # fmt: skip
-        check_at_least(1, resize=resize, crop=crop, limit_train=limit_train, limit_eval=limit_eval)
+        check_at_least(1, resize=resize, crop=crop, limit_train=limit_train, limit_eval=limit_eval,
+                       augmentation_multiplicity=augmentation_multiplicity)  # fmt: skip
+        if augmentation_multiplicity > 1 and not augment:
+            raise ValueError("data.augmentation_multiplicity > 1 needs data.augment: true (else the K views are equal)")
         if crop > resize:
             raise ValueError(f"data.crop ({crop}) must be <= data.resize ({resize})")
         self.save_hyperparameters()
@@ -196,6 +204,7 @@ class UTKFaceDataModule(GroupedDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.split_seed, self.seed = split_seed, seed
         self.resize, self.crop, self.augment = resize, crop, augment
+        self.augmentation_multiplicity = augmentation_multiplicity
         self.normalization: Normalization = normalization
         self.limit_train, self.limit_eval = limit_train, limit_eval
         self.bad_names: list[str] = []  # set by setup
@@ -203,9 +212,7 @@ class UTKFaceDataModule(GroupedDataModule):
 
     def load_splits(self) -> Mapping[str, Dataset]:
         """Scans the folder, splits it, cuts the training groups and wraps each split for lazy decoding."""
-        if self.root is None:
-            raise FileNotFoundError(f"UTKFace needs `--data.root`. {WHERE}")
-        index = scan_utkface(self.root)
+        index = scan_utkface(require_root(self.root, "UTKFace", WHERE))
         self.bad_names = index.bad
         age, gender, race = index.labels.T
         band = np.searchsorted(np.asarray(self.age_edges), age, side="right") - 1  # [N]
@@ -219,17 +226,15 @@ class UTKFaceDataModule(GroupedDataModule):
                 group[train_idx, column], names, self.underrepresented, self.seed, "data.underrepresented"
             )
             train_idx = train_idx[kept]
-        if self.limit_train is not None and self.limit_train < len(train_idx):
-            sub = np.random.default_rng([self.seed, 1]).choice(len(train_idx), self.limit_train, replace=False)
-            train_idx = train_idx[np.sort(sub)]
+        train_idx = limit_training(train_idx, self.limit_train, self.seed)
         if self.limit_eval is not None:
             val_idx, test_idx = (fixed_subset(idx, self.limit_eval) for idx in (val_idx, test_idx))
 
         def make(idx: np.ndarray, train: bool) -> GroupedImageDataset:
             transform = image_transforms(self.resize, self.crop, train and self.augment, self.normalization)
-            return GroupedImageDataset(
-                [index.files[i] for i in idx], torch.from_numpy(target[idx]), torch.from_numpy(group[idx]), transform
-            )
+            views = self.augmentation_multiplicity if train else 1
+            return GroupedImageDataset([index.files[i] for i in idx], torch.from_numpy(target[idx]),
+                                       torch.from_numpy(group[idx]), transform, views=views)  # fmt: skip
 
         splits: dict[str, GroupedImageDataset] = {
             "train": make(train_idx, True),

@@ -24,6 +24,7 @@ NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((0.5,
 Normalization = Literal["imagenet", "inception"]
 
 Transform = Callable[[object], Tensor]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def image_transforms(resize: int, crop: int, train: bool, normalization: Normalization = "imagenet") -> Transform:
@@ -142,6 +143,51 @@ def cut_groups(
     return np.flatnonzero(mask), available
 
 
+def require_root(root: str | Path | None, dataset: str, where: str) -> Path:
+    """``root`` as a Path; raises FileNotFoundError ``"<dataset> needs `--data.root`. <where>"`` when it is None."""
+    if root is None:
+        raise FileNotFoundError(f"{dataset} needs `--data.root`. {where}")
+    return Path(root)
+
+
+def require_dirs(folders: Sequence[Path], dataset: str, where: str) -> None:
+    """Raises FileNotFoundError naming the first of ``folders`` that is not a directory, and where to get the data."""
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{dataset}: no folder {folder}. {where}")
+
+
+def require_listed_files(files: Sequence[Path], dataset: str, where: str) -> None:
+    """Raises FileNotFoundError when the first image a label file lists is missing (wrong root or no images)."""
+    if files and not Path(files[0]).is_file():
+        raise FileNotFoundError(f"{dataset}: the label files point at {files[0]}, which is missing. {where}")
+
+
+def list_images(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """The files of ``folder`` (not recursive) whose lower-cased name ends with one of ``suffixes``, sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(tuple(suffixes)))
+
+
+def list_image_folder(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    """Image files of ``folder/<class>/`` (sorted) and their class ids; the class folders must be ``classes``."""
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if found != sorted(classes):
+        raise ValueError(f"{folder}: class folders {found[:12]} are not the expected {sorted(classes)[:12]}...")
+    files, labels = [], []
+    for index, name in enumerate(classes):
+        members = list_images(folder / name)
+        files += members
+        labels += [index] * len(members)
+    return files, np.asarray(labels, dtype=np.int64)
+
+
+def limit_training(idx: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """A random subset (drawn with ``[seed, 1]``, order kept) of at most ``limit`` training indices (all when None)."""
+    if limit is None or limit >= len(idx):
+        return idx
+    return idx[np.sort(np.random.default_rng([seed, 1]).choice(len(idx), limit, replace=False))]
+
+
 def fixed_subset(idx: np.ndarray, limit: int | None) -> np.ndarray:
     """A fixed random subset (seed 0, the same for every run) of at most ``limit`` of ``idx`` (all when None)."""
     if limit is None or limit >= len(idx):
@@ -155,7 +201,15 @@ __all__ = [
     "NORMALIZATIONS",
     "Normalization",
     "GroupedImageDataset",
+    "IMAGE_SUFFIXES",
     "cut_groups",
+    "fixed_subset",
     "image_transforms",
+    "limit_training",
+    "list_image_folder",
+    "list_images",
+    "require_dirs",
+    "require_listed_files",
+    "require_root",
     "seeded_split",
 ]

@@ -14,6 +14,11 @@
 - ``{prefix}/{summary}`` for each summary, e.g. ``val/worst_group_acc``, ``val/acc_gap``,
   ``val/equalized_odds_diff``, ``val/demographic_parity_diff``, ``val/auc_gap`` (NaN when undefined).
 
+Multi-label tasks (``GroupMetrics(label_names=[...])``, targets [B, L] with -1 for ignored labels): ``acc`` is the
+accuracy of the observed label decisions, and the AUC entries of :mod:`dplit.metrics.multilabel` (macro ``auc``
+per group, ``auc/label=<name>`` per group, ``auc_gap``, ``worst_group_auc``, ``overall_auc``, ...) replace the
+binary ones.
+
 Intersectional groups (e.g. sex x race) are ordinary groups whose ids come from :func:`intersect_groups` and whose
 names come from :func:`intersection_names` (``"female&Black"``).
 """
@@ -40,6 +45,7 @@ from dplit.metrics.functional import (
     max_gap,
     worst_group,
 )
+from dplit.metrics.multilabel import IGNORE, check_label_names, multilabel_group_stats, multilabel_results
 
 _SUM_STATES = ("count", "correct", "loss_sum", "loss_count")
 _BINARY_STATES = ("tp", "fp", "tn", "fn")
@@ -71,7 +77,9 @@ class GroupMetrics(Metric):
         num_groups: Number of groups G; group ids are ``0..G-1``.
         num_classes: Number of classes; binary metrics are computed when it is 2.
         positive_class: Class id counted as positive for binary metrics.
-        compute_auc: Keep scores for a per-group AUC (binary tasks only; ignored otherwise).
+        compute_auc: Keep scores for a per-group AUC (binary and multi-label tasks; ignored otherwise).
+        label_names: Multi-label task with these L labels (``num_classes`` is then ignored): preds, targets and
+            probs are [B, L]; targets 1, 0 or -1 (ignored).
         **kwargs: Passed to :class:`torchmetrics.Metric` (e.g. ``sync_on_compute``).
     """
 
@@ -90,9 +98,16 @@ class GroupMetrics(Metric):
     scores: list[Tensor]
     labels: list[Tensor]
     groups: list[Tensor]
+    observed: Tensor
 
     def __init__(
-        self, num_groups: int, num_classes: int, positive_class: int = 1, compute_auc: bool = True, **kwargs: Any
+        self,
+        num_groups: int,
+        num_classes: int,
+        positive_class: int = 1,
+        compute_auc: bool = True,
+        label_names: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if num_groups < 1:
@@ -102,9 +117,13 @@ class GroupMetrics(Metric):
         if not 0 <= positive_class < num_classes:
             raise ValueError(f"positive_class must be in [0, {num_classes}), got {positive_class}")
         self.num_groups, self.num_classes, self.positive_class = num_groups, num_classes, positive_class
-        self.binary = num_classes == 2
-        self.compute_auc = compute_auc and self.binary
-        for name in _SUM_STATES + (_BINARY_STATES if self.binary else ()):
+        self.label_names = None if label_names is None else list(label_names)
+        if self.label_names is not None:
+            check_label_names(self.label_names)
+        self.binary = num_classes == 2 and self.label_names is None
+        self.compute_auc = compute_auc and (self.binary or self.label_names is not None)
+        extra = _BINARY_STATES if self.binary else ("observed",) if self.label_names is not None else ()
+        for name in _SUM_STATES + extra:
             dtype = torch.float64 if name == "loss_sum" else torch.long
             self.add_state(name, torch.zeros(num_groups, dtype=dtype), dist_reduce_fx="sum")
         if self.compute_auc:
@@ -133,6 +152,9 @@ class GroupMetrics(Metric):
             ValueError: On mismatched shapes, a group id out of range, or missing ``probs`` when AUC is computed.
         """
         batch = group.shape[0] if group.ndim == 1 else -1
+        if self.label_names is not None:
+            self._update_multilabel(preds, target, group, batch, loss, probs)
+            return
         for name, value in (("preds", preds), ("target", target), ("group", group), ("loss", loss)):
             if value is not None and tuple(value.shape) != (batch,):
                 raise ValueError(
@@ -157,9 +179,35 @@ class GroupMetrics(Metric):
             self.labels.append((target == self.positive_class).to(self.dtype))
             self.groups.append(group.to(self.dtype))
 
+    def _update_multilabel(self, preds: Tensor, target: Tensor, group: Tensor, batch: int, loss: Tensor | None,
+                           probs: Tensor | None) -> None:  # fmt: skip
+        labels = len(self.label_names or ())
+        for name, value in (("preds", preds), ("target", target), ("probs", probs)):
+            if value is not None and tuple(value.shape) != (batch, labels):
+                raise ValueError(f"{name} must have shape [B, {labels}] (one column per label) for group "
+                                 f"{tuple(group.shape)}; got {tuple(value.shape)}")  # fmt: skip
+        if loss is not None and tuple(loss.shape) != (batch,):
+            raise ValueError(f"loss must have shape [B] like group; got {tuple(loss.shape)}, group {group.shape}")
+        _check_ids(group, self.num_groups, "group")
+        bad = (target != 0) & (target != 1) & (target != IGNORE)
+        if bool(bad.any()):
+            raise ValueError(f"multi-label targets must be 1, 0 or {IGNORE} (ignored); got {target[bad][0].item()}")
+        if self.compute_auc and probs is None and batch > 0:
+            raise ValueError("GroupMetrics(compute_auc=True) needs probs [B, L]; pass them or set compute_auc=False")
+        stats = group_stats(torch.zeros_like(group), torch.ones_like(group), group, self.num_groups, loss)
+        stats.update(multilabel_group_stats(preds, target, group, self.num_groups))
+        for name in (*_SUM_STATES, "observed"):
+            setattr(self, name, getattr(self, name) + stats[name])
+        if self.compute_auc and probs is not None:  # flattened rows [B * L]: every rank syncs 1-d tensors
+            self.scores.append(probs.detach().reshape(-1).to(self.dtype))
+            self.labels.append(target.reshape(-1).to(self.dtype))
+            self.groups.append(group.to(self.dtype))
+
     def compute(self) -> dict[str, Tensor]:
         """Per-group tensors [G] and 0-dim summaries; the keys are listed in the module docstring."""
         out = group_rates(self.count, self.correct, self.loss_sum, self.loss_count)
+        if self.label_names is not None:
+            out["acc"] = group_rates(self.observed, self.correct, self.loss_sum, self.loss_count)["acc"]
         out["worst_group_acc"] = worst_group(out["acc"])
         out["acc_gap"] = max_gap(out["acc"])
         if self.binary:
@@ -170,6 +218,11 @@ class GroupMetrics(Metric):
         if self.compute_auc:
             device = self.count.device
             scores, labels, groups = (_cat(s, self.dtype, device) for s in (self.scores, self.labels, self.groups))
+            if self.label_names is not None:
+                shape = (-1, len(self.label_names))
+                out.update(multilabel_results(scores.reshape(shape), labels.reshape(shape), groups.long(),
+                                              self.num_groups, self.label_names))  # fmt: skip
+                return out
             out["auc"] = group_auc(scores, labels, groups.long(), self.num_groups)
             out["auc_gap"] = auc_gap(out["auc"])
         return out

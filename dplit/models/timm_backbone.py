@@ -123,6 +123,7 @@ class TimmBackbone(nn.Module):
         pretrained: Let timm download its own pretrained weights (online; ignored when ``weights`` is given).
         batchnorm: ``frozen`` (running statistics only, for pretrained models) or ``groupnorm`` (see module doc).
         trainable_layers: None (all), module-name patterns, or the last ``k`` blocks; the new head always trains.
+            A string (a command-line override) is read as ``null``/``all`` -> None, digits -> k, else one pattern.
         max_groups: Upper bound on the GroupNorm groups per layer (``batchnorm: groupnorm``).
         drop_rate: Dropout before the classifier.
     """
@@ -134,7 +135,7 @@ class TimmBackbone(nn.Module):
         weights: str | None = None,
         pretrained: bool = False,
         batchnorm: Literal["frozen", "groupnorm"] = "frozen",
-        trainable_layers: list[str] | int | None = None,
+        trainable_layers: list[str] | int | str | None = None,
         max_groups: int = 32,
         drop_rate: float = 0.0,
     ) -> None:
@@ -162,6 +163,10 @@ class TimmBackbone(nn.Module):
         for module in model.modules():  # in-place activations break per-sample gradient hooks on the layer before
             if isinstance(getattr(module, "inplace", None), bool):
                 module.inplace = False  # type: ignore[assignment]
+        if isinstance(trainable_layers, str):  # `--...trainable_layers=null` arrives as a string on the command line
+            text = trainable_layers.strip()
+            trainable_layers = None if text.lower() in ("null", "none", "all", "~") else int(text) if text.isdigit() \
+                else [text]  # fmt: skip
         head = [n for n, m in model.named_modules() if n and m is model.get_classifier()]
         self.trainable = set_trainable(model, trainable_layers, head)
         self.model = model

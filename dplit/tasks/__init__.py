@@ -3,6 +3,13 @@
 from dplit.tasks.base import GroupedTask, default_optimizer
 from dplit.tasks.causal_lm import CausalLMTask
 from dplit.tasks.classification import ClassificationTask
-from dplit.tasks.vision import MultiViewClassificationTask
+from dplit.tasks.vision import MultiLabelTask, MultiViewClassificationTask
 
-__all__ = ["CausalLMTask", "ClassificationTask", "GroupedTask", "MultiViewClassificationTask", "default_optimizer"]
+__all__ = [
+    "CausalLMTask",
+    "ClassificationTask",
+    "GroupedTask",
+    "MultiLabelTask",
+    "MultiViewClassificationTask",
+    "default_optimizer",
+]
