@@ -21,12 +21,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(dataset: str, variant: str, rounds: int, sample_rate: float, out: Path, cpus: int) -> Path:
-    from dplit.federated.config import load_config
+def run(
+    dataset: str,
+    variant: str,
+    rounds: int,
+    sample_rate: float,
+    out: Path,
+    cpus: int,
+    overrides: dict[str, float] | None = None,
+) -> Path:
+    """One run of ``configs/fed_<dataset>_<variant>.yaml``; ``overrides`` set ``federated.*`` keys (same for both)."""
+    from dplit.federated.config import load_config, validate
     from dplit.federated.simulation import simulate
 
     cfg = load_config(ROOT / "configs" / f"fed_{dataset}_{variant}.yaml")
     cfg.federated.sample_rate = sample_rate
+    for key, value in (overrides or {}).items():
+        setattr(cfg.federated, key, type(getattr(cfg.federated, key))(value))
+    validate(cfg)
     cfg.simulation.num_cpus = cpus
     cfg.output_dir = str(out / f"{dataset}_{variant}")
     return Path(simulate(cfg, rounds).run_dir or "")
@@ -81,13 +93,25 @@ def main() -> None:
     parser.add_argument("--sample-rate", type=float, default=0.02)
     parser.add_argument("--cpus", type=int, default=1, help="Ray CPUs per run")
     parser.add_argument("--out", type=Path, default=Path("runs/fed_results"))
+    parser.add_argument("--local-epochs", type=int, default=None, help="override federated.local_epochs")
+    parser.add_argument("--local-lr", type=float, default=None, help="override federated.local_lr")
+    parser.add_argument("--eval-every", type=int, default=None, help="override federated.eval_every")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--variant", choices=["both", "dp", "nodp"], default="both", help="run only one (in parallel)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     if not args.table_only:
         for variant in ("nodp", "dp") if args.variant == "both" else (args.variant,):
-            run(args.dataset, variant, args.rounds, args.sample_rate, args.out, args.cpus)
+            overrides = {
+                k: v
+                for k, v in (
+                    ("local_epochs", args.local_epochs),
+                    ("local_lr", args.local_lr),
+                    ("eval_every", args.eval_every),
+                )
+                if v is not None
+            }
+            run(args.dataset, variant, args.rounds, args.sample_rate, args.out, args.cpus, overrides)
         if args.variant != "both":
             return
     text = table(args.dataset, args.out)
