@@ -136,3 +136,37 @@ class LocalGrid:
             replies.append(self.app(msg, context))
         self.sent.append(sent)
         return replies
+
+
+REDDIT_WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "to", "park", "i", "like", "this", "game", "a", "lot"]
+
+
+def write_reddit(root: Path, num_users: int = 4, comments: tuple[int, ...] = (3, 4, 6, 8), chunk: int = 10) -> Path:
+    """``root/data/test/all_data.json`` in LEAF's Reddit layout, and ``root/vocab.txt`` (one word per line).
+
+    Each comment is ``<BOS> words <EOS>`` cut into ``chunk``-token lists padded with ``<PAD>``; ``y`` holds the
+    same chunks shifted by one as ``target_tokens`` (with LEAF's ``count_tokens`` masks). User u repeats the
+    pattern ``REDDIT_WORDS[u:]`` so users differ in vocabulary; the last word of the list is out of vocabulary.
+    """
+    folder = root / "data" / "test"
+    folder.mkdir(parents=True, exist_ok=True)
+    users, counts, user_data = [], [], {}
+    for u in range(num_users):
+        name = f"redditor{u}"
+        words = REDDIT_WORDS[u : u + 5 + 2 * u]
+        xs, ys = [], []
+        for c in range(comments[u % len(comments)]):
+            tokens = ["<BOS>", *[words[(c + j) % len(words)] for j in range(4 + c % 5)], "<EOS>"]
+            chunks = [tokens[i : i + chunk] for i in range(0, len(tokens) - 1, chunk)]
+            targets = [tokens[i + 1 : i + 1 + chunk] for i in range(0, len(tokens) - 1, chunk)]
+            xs.append([ch + ["<PAD>"] * (chunk - len(ch)) for ch in chunks])
+            ys.append({
+                "target_tokens": [t + ["<PAD>"] * (chunk - len(t)) for t in targets],
+                "count_tokens": [[1] * len(t) + [0] * (chunk - len(t)) for t in targets],
+            })  # fmt: skip
+        users.append(name)
+        counts.append(len(xs))
+        user_data[name] = {"x": xs, "y": ys}
+    (folder / "all_data.json").write_text(json.dumps({"users": users, "num_samples": counts, "user_data": user_data}))
+    (root / "vocab.txt").write_text("\n".join(["<BOS>", "<EOS>", *REDDIT_WORDS[:-1]]) + "\n")
+    return root

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from federated_fixtures import LocalGrid, write_sent140, write_shakespeare
+from federated_fixtures import LocalGrid, write_reddit, write_sent140, write_shakespeare
 
 from dplit.cli.main import main as dplit_main
 from dplit.federated.config import FederatedConfigError, load_config, parse_config
@@ -39,6 +39,9 @@ def _fixture_config(config: Path, tmp_path: Path, rounds: int = 2, **federated: 
     raw = yaml.safe_load(config.read_text())
     if raw["data"]["dataset"] == "sent140":
         raw["data"].update(root=str(write_sent140(tmp_path / "sent140")), size_bins=[5], vocab_bins=[10])
+    elif raw["data"]["dataset"] == "reddit":
+        root = write_reddit(tmp_path / "reddit")
+        raw["data"].update(root=str(root), vocab_file=str(root / "vocab.txt"), size_bins=[20], vocab_bins=[8])
     else:
         raw["data"].update(root=str(write_shakespeare(tmp_path / "plays", repeat=12)), seq_len=10, stride=5,
                            size_bins=[10], vocab_bins=[12])  # fmt: skip

@@ -47,6 +47,11 @@ class DataConfig:
     """Edges of the data-size buckets (training samples per user): [5, 10] -> <5, 5-9, >=10."""
     vocab_bins: list[int] = field(default_factory=lambda: [40, 80])
     """Edges of the vocabulary-size buckets (distinct words in a user's training data)."""
+    vocab_file: str | None = None
+    """Reddit: a fixed public word list (one per line) as the model's vocabulary; null builds it from the training
+    users' words, a release DP-FedAvg does not cover (refused with ``privacy``; see dplit.federated.reddit)."""
+    vocab_size: int = 10000
+    """Reddit: words in the model's vocabulary (input and tied output), plus padding and out-of-vocabulary ids."""
     primary: Literal["vocab", "size"] = "vocab"
     """The bucketing reported under the plain names (``val/acc/group=<bucket>``); the other as ``val/acc/<attr>=``."""
 
@@ -57,7 +62,7 @@ class ModelConfig:
     num_layers: int = 1
     embedding_dim: int = 32
     oov_buckets: int = 5000
-    """Sent140/Reddit: hashed word rows (random init, trained); Reddit: also the output vocabulary size."""
+    """Sent140: hashed word rows (random init, trained)."""
     embedding_source: str | None = None
     """Sent140: ``kumo`` for the GloVe 6B 50d vectors from the `text` extra; null for random embeddings."""
 
@@ -181,6 +186,12 @@ def validate(cfg: FedRunConfig) -> None:
             isinstance(bins, list) and all(isinstance(b, int) and b > 0 for b in bins) and bins == sorted(set(bins)),
             f"data.{key} must be increasing positive integers (bucket edges), got {bins!r}",
         )
+    _need(d.vocab_size >= 1, f"data.vocab_size must be >= 1, got {d.vocab_size}")
+    _need(
+        d.dataset != "reddit" or p is None or d.vocab_file is not None,
+        "data.vocab_file: a DP Reddit run needs a fixed public vocabulary file; a vocabulary built from the users' "
+        "words is a release that user-level DP does not cover (set data.vocab_file, or privacy: null)",
+    )
     _need(d.primary in ("vocab", "size"), f"data.primary must be 'vocab' or 'size', got {d.primary!r}")
     _need(f.rounds >= 1, f"federated.rounds must be >= 1, got {f.rounds}")
     _need(0 < f.sample_rate <= 1, f"federated.sample_rate (q) must be in (0, 1], got {f.sample_rate}")

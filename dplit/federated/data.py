@@ -109,10 +109,10 @@ def _user_permutation(seed: int, user: str, n: int) -> Tensor:
 def _load(key: str) -> FederatedData:
     cfg = DataConfig(**json.loads(key))
     if cfg.dataset == "reddit":
-        raise FederatedConfigError(
-            "data.dataset: reddit has a reader (dplit.federated.leaf.reddit_tokens) but no federated task yet (a "
-            "word-level LM over a public vocabulary); use sent140 or shakespeare"
-        )
+        from dplit.federated.reddit import reddit_users
+
+        rows, num_classes = reddit_users(cfg)
+        return _bucketed(cfg, [UserData(*row) for row in rows], num_classes)
     raw = _sent140_users(cfg) if cfg.dataset == "sent140" else _shakespeare_users(cfg)
     users = []
     for name, x, y, texts in raw:
@@ -134,12 +134,16 @@ def _load(key: str) -> FederatedData:
         users.append(UserData(name, train_x, train_y, x[k:], y[k:], vocab))
         if cfg.max_users is not None and len(users) >= cfg.max_users:
             break
+    return _bucketed(cfg, users, 2 if cfg.dataset == "sent140" else NUM_CHARS)
+
+
+def _bucketed(cfg: DataConfig, users: list[UserData], num_classes: int) -> FederatedData:
     if not users:
         raise FederatedConfigError(
             f"no user under {cfg.root} has >= {cfg.min_samples} samples (`data.min_samples`) after the held-out "
             "split: point `data.root` at the dataset or lower the threshold"
         )
-    data = FederatedData(users, 2 if cfg.dataset == "sent140" else NUM_CHARS)
+    data = FederatedData(users, num_classes)
     for attr, edges, values in (
         ("size", cfg.size_bins, [len(u.y_train) for u in users]),
         ("vocab", cfg.vocab_bins, [u.vocab for u in users]),
@@ -153,6 +157,8 @@ def load_data(cfg: DataConfig) -> FederatedData:
     """The users of ``cfg`` (cached per process: every simulated client of a worker shares one copy)."""
     values = {k: v for k, v in vars(cfg).items()}
     values["root"] = str(Path(cfg.root).expanduser().resolve())
+    if cfg.vocab_file is not None:
+        values["vocab_file"] = str(Path(cfg.vocab_file).expanduser().resolve())
     return _load(json.dumps(values, sort_keys=True))
 
 

@@ -5,7 +5,9 @@ read user data and are NOT differentially private, exactly as SubgroupMetrics' a
 its user's buckets: by data size (``size``) and by vocabulary size (``vocab``). The primary bucketing is logged
 under the plain names, ``val/acc/group=<bucket>``, ``val/worst_group_acc``, ``val/acc_gap``, the other as
 ``val/acc/<attr>=<bucket>``, and, as SubgroupMetrics does with several attributes, every summary also per
-attribute: ``val/worst_group_acc/size``, ``val/acc_gap/vocab``. Accuracy is next-token accuracy for Shakespeare.
+attribute: ``val/worst_group_acc/size``, ``val/acc_gap/vocab``. Accuracy is next-token accuracy for Shakespeare
+and Reddit. ``val/output_vocab`` is the number of distinct classes (words, characters) the model predicts on the
+held-out data: the seed paper's "output vocabulary" statistic (a DP model predicting fewer distinct words).
 
 The run folder (``output_dir/version_N``) holds ``metrics.csv`` (one row per round), ``config.yaml`` and
 ``summary.json``: what ``dplit report`` reads.
@@ -42,15 +44,17 @@ def evaluate(task: GroupedTask, data: FederatedData, primary: str, batch_size: i
     }
     task.eval()
     loss_sum, correct = 0.0, 0
+    predicted: set[int] = set()
     for start in range(0, len(y), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         outputs = task(xb)
         loss = task.per_example_loss(outputs, yb)  # [B]
         preds, probs = task.predict(outputs)
         loss_sum, correct = loss_sum + float(loss.sum()), correct + int((preds == yb).sum())
+        predicted.update(preds.tolist())
         for col, attr in enumerate(attrs):
             metrics[attr].update(preds, yb, groups[start : start + batch_size, col], loss=loss, probs=probs)
-    out = {"val/acc": correct / len(y), "val/loss": loss_sum / len(y)}
+    out = {"val/acc": correct / len(y), "val/loss": loss_sum / len(y), "val/output_vocab": float(len(predicted))}
     for attr in attrs:
         part = flatten_group_metrics(metrics[attr].compute(), data.buckets[attr], "val")
         for key, value in part.items():

@@ -30,6 +30,26 @@ class CharLSTM(nn.Module):
         return self.head(final)
 
 
+class WordLSTM(nn.Module):
+    """The seed paper's Reddit model, sized by the config: word embedding -> stacked LSTM -> tied decoder.
+
+    Input: word ids ``[B, T]`` (0 = padding, 1 = out of vocabulary); output next-word logits ``[B, V]``, computed as
+    ``proj(h) @ embedding.weight.T + bias`` (tied embeddings; ``proj`` maps hidden_size to embedding_dim, identity
+    when they are equal).
+    """
+
+    def __init__(self, vocab: int, embedding_dim: int = 32, hidden_size: int = 64, num_layers: int = 2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embedding_dim)
+        self.lstm = LSTM(embedding_dim, hidden_size, num_layers)
+        self.proj: nn.Module = nn.Identity() if hidden_size == embedding_dim else nn.Linear(hidden_size, embedding_dim)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, final = self.lstm(self.embedding(x))  # final [B, H]
+        return self.proj(final) @ self.embedding.weight.T + self.bias  # [B, V]
+
+
 def build_task(cfg: FedRunConfig, num_classes: int) -> ClassificationTask:
     """The dataset's task with its backbone, initialised from the public ``seed`` (identical on every node)."""
     m = cfg.model
@@ -37,6 +57,8 @@ def build_task(cfg: FedRunConfig, num_classes: int) -> ClassificationTask:
     backbone: nn.Module
     if cfg.data.dataset == "shakespeare":
         backbone = CharLSTM(num_classes, m.embedding_dim, m.hidden_size, m.num_layers)
+    elif cfg.data.dataset == "reddit":
+        backbone = WordLSTM(num_classes, m.embedding_dim, m.hidden_size, m.num_layers)
     else:
         from dplit.models.bilstm import BiLSTMClassifier
 
@@ -85,4 +107,4 @@ def set_flat(module: nn.Module, flat: Tensor) -> None:
             offset += p.numel()
 
 
-__all__ = ["CharLSTM", "build_task", "get_flat", "refuse_batchnorm", "set_flat", "trainable"]
+__all__ = ["CharLSTM", "WordLSTM", "build_task", "get_flat", "refuse_batchnorm", "set_flat", "trainable"]
