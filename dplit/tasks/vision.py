@@ -27,8 +27,9 @@ class MultiViewClassificationTask(ClassificationTask):
     DP and non-DP updates share one scale. Evaluation batches are single images [B, C, H, W]. Several group
     attributes ([B, A] group ids) are fine: the privacy core counts units from the items.
 
-    Works with the per-sample backends ``hooks`` and ``functorch`` (``ghost`` and ``bookkeeping`` clip rows and refuse
-    multi-row units). Arguments as :class:`~dplit.tasks.ClassificationTask`.
+    Works with the per-sample backends ``hooks`` and ``functorch``; ``bookkeeping`` combines a unit's rows for its
+    Linear/Embedding/norm rules but refuses Conv2d with K > 1, and ``ghost`` refuses multi-row units. Arguments as
+    :class:`~dplit.tasks.ClassificationTask`.
     """
 
     _views = 1  # K of the last batch seen by forward_batch
