@@ -90,7 +90,11 @@ def main() -> None:
         note = (
             f"Test accuracy overall / class 8 (%) of `configs/mnist_dp.yaml` after each epoch (sigma 0.8, batch 256, "
             f"clip 1, seed 1), real MNIST with class 8 cut to 500; {args.epochs} epochs of the paper's 60; "
-            f"{platform.machine()} CPU, 2 shared cores; this invocation {(time.time() - start) / 60:.0f} min.\n\n"
+            f"{platform.machine()} CPU, 2 shared cores"
+            + ("; table from the existing runs" if args.report_only else f"; {(time.time() - start) / 60:.0f} min")
+            + f". Command: `python scripts/probe_mnist_dp_lr.py --root {args.root} --epochs {args.epochs} --grid "
+            + " ".join(args.grid)
+            + "`.\n\n"
         )
         args.docs.write_text(note + text + "\n")
 
