@@ -72,3 +72,37 @@ def test_word_lstm_ties_embedding_and_decoder_and_metrics_count_output_vocab(tmp
     preds = torch.cat([task(u.x_eval).argmax(-1) for u in data.users])
     assert metrics["val/output_vocab"] == len(set(preds.tolist()))
     assert "val/acc/group=<7" in metrics and "val/acc/group=>=7" in metrics
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
+def test_char_lstm_is_covered_by_dplit_per_example_rules(mode):
+    """Local (example-level) DP inside a client would clip with dplit's rules: every trainable parameter of the
+    Shakespeare model has one (the LSTM's einsum rule, Embedding, Linear); functorch refuses dplit's LSTM by name."""
+    from dplit.federated.models import CharLSTM
+    from dplit.privacy.coverage import uncovered
+
+    assert uncovered(CharLSTM(num_chars=20), mode) == []
+
+
+def test_word_lstm_tied_decoder_is_refused_by_the_outside_use_guard():
+    """WordLSTM's decoder reads embedding.weight in WordLSTM's own forward (not in a layer that owns it): under local
+    DP that use would escape every per-example rule, so the DP callback's guard refuses it by name."""
+    from torch import nn
+
+    from dplit.privacy.coverage import UncoveredParameterError
+    from dplit.privacy.use_guard import OutsideUseGuard
+
+    class Step(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = WordLSTM(vocab=30, embedding_dim=8, hidden_size=8, num_layers=1)
+
+        def training_step(self, ids):
+            return self.net(ids).sum()
+
+    step = Step()
+    guard = OutsideUseGuard(step)
+    with pytest.raises(UncoveredParameterError, match=r"net\.embedding\.weight \(owned by net\.embedding\)"):
+        step.training_step(torch.randint(0, 30, (2, 5)))
+    guard.remove()
+    assert step.training_step(torch.randint(0, 30, (2, 5))).requires_grad  # the task's own method again

@@ -93,6 +93,20 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.emb(ids)).mean(1))
 
 
+class FunctionalTiedLM(nn.Module):
+    """An Embedding whose weight is reused OUTSIDE any module (``h @ emb.weight.T + bias``, a bare bias parameter),
+    as tied decoders are often written (e.g. dplit.federated's WordLSTM): no hook of the head sees the second use."""
+
+    def __init__(self, vocab: int = 7, dim: int = 3, bias: bool = True) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.bias = nn.Parameter(torch.randn(vocab) * 0.1) if bias else None
+
+    def forward(self, ids: Tensor) -> Tensor:
+        out = torch.tanh(self.emb(ids)).mean(1) @ self.emb.weight.t()
+        return out if self.bias is None else out + self.bias
+
+
 class Twice(nn.Module):
     """One Linear applied twice in a forward: ``head(tanh(fc(tanh(fc(x)))))``."""
 
@@ -213,6 +227,8 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Inputs]] = {
     "scale_leaf": (lambda: nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3)), _floats(4)),
     "scale_parent": (lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh(), ScaledLinear(4, 3)), _floats(4)),
     "tied_embedding": (TiedLM, _ids(7, 4)),
+    "functional_tied": (FunctionalTiedLM, _ids(7, 4)),
+    "functional_tied_nobias": (lambda: FunctionalTiedLM(bias=False), _ids(7, 4)),
     "linear_twice": (Twice, _floats(4)),
     **{
         f"conv_{mode}": ((lambda m=mode: ConvNet(m)), _floats(2, 4, 4))

@@ -23,6 +23,7 @@ from dplit.privacy.ledger import PrivacyLedger
 from dplit.privacy.resume import check_same_privacy, open_ledger
 from dplit.privacy.rng import make_generators
 from dplit.privacy.stepping import BatchTrace, StepController, discard_pending
+from dplit.privacy.use_guard import OutsideUseGuard
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class DifferentialPrivacy(Callback):
         self.plan: engine.SamplingPlan | None = None
         self.optimizer: Any = None
         self.backend: PerSampleBackend | None = None
+        self._use_guard: OutsideUseGuard | None = None
         self.controller: StepController | None = None
         self.algorithm: DPAlgorithm | None = None
         self.loader: torch.utils.data.DataLoader | None = None
@@ -206,6 +208,7 @@ class DifferentialPrivacy(Callback):
         if trainer.world_size > 1:
             engine.local_gradients(trainer.strategy.model)  # the DP optimizer all-reduces the clipped sums
         self.backend.install_loss(pl_module, self.optimizer)
+        self._use_guard = OutsideUseGuard(pl_module)  # a parameter read outside its own layer escapes clipping
 
         def make_private(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
             self.loader = engine.make_loader(
@@ -304,6 +307,8 @@ class DifferentialPrivacy(Callback):
         self.controller.begin_batch(self._trace.pop(), batch)
         assert self.backend is not None
         self.backend.begin_batch()
+        if self._use_guard is not None:
+            self._use_guard.skip_next = self.controller.empty  # an empty batch may not run the model
 
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Any) -> None:
@@ -408,6 +413,9 @@ class DifferentialPrivacy(Callback):
             return
         self.backend.detach()
         self.backend = None
+        if self._use_guard is not None:
+            self._use_guard.remove()
+            self._use_guard = None
         if self._loader_patch is not None:
             self._loader_patch.restore()
             self._loader_patch = None
