@@ -52,7 +52,7 @@ class OutsideUseGuard:
         steps: how many training steps to check (a forward's control flow rarely changes between steps).
     """
 
-    def __init__(self, pl_module: nn.Module, steps: int = 2) -> None:
+    def __init__(self, pl_module: Any, steps: int = 2) -> None:
         self.module = pl_module
         self.steps_left = steps
         self.stack: list[nn.Module] = []
@@ -83,7 +83,7 @@ class OutsideUseGuard:
             self._raise_if_found()
             return out
 
-        pl_module.training_step = types.MethodType(training_step, pl_module)  # type: ignore[method-assign]
+        pl_module.training_step = types.MethodType(training_step, pl_module)
 
     def _attach(self) -> list[Any]:
         handles = []
