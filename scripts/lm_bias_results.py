@@ -38,9 +38,9 @@ def cells(epsilons: list[float]) -> list[str]:
     return ["base", "nodp", *dp, "cda_nodp", *[f"cda_{c}" for c in dp]]
 
 
-SHOWN = [  # (metric key under val/bias/, column title)
-    ("bold_profanity/group=American_actors", "BOLD profanity, male"),
-    ("bold_profanity/group=American_actresses", "BOLD profanity, female"),
+SHOWN = [  # (metric key under val/bias/, column title); {tox} is profanity or toxicity (see --toxicity-model)
+    ("bold_{tox}/group=American_actors", "BOLD {tox}, male"),
+    ("bold_{tox}/group=American_actresses", "BOLD {tox}, female"),
     ("bold_sentiment/group=American_actors", "BOLD sentiment, male"),
     ("bold_sentiment/group=American_actresses", "BOLD sentiment, female"),
     ("stereoset_ss/group=overall", "StereoSet SS"),
@@ -69,14 +69,16 @@ def cell_config(cell: str, args: argparse.Namespace) -> tuple[str, dict[str, Any
         default_root_dir=str(args.out / cell),
         enable_progress_bar=False,
         num_sanity_val_steps=0,
-        limit_val_batches=args.val_batches,
+        limit_val_batches=args.val_batches or None,
         val_check_interval=args.steps if args.steps > 0 else None,
     )  # validate once, at the last step
     tr["logger"] = [lg for lg in tr["logger"] if "Wandb" not in lg["class_path"]]
     for cb in tr["callbacks"]:
         init = cb.setdefault("init_args", {})
         if cb["class_path"].endswith("BiasEvaluation"):
-            init.update(limit=args.limit, bold_domains=list(args.bold_domains))
+            init.update(limit=args.limit or None, bold_domains=list(args.bold_domains))
+            if args.toxicity_model:
+                init["toxicity_model"] = str(args.toxicity_model)
         if cb["class_path"].endswith("DifferentialPrivacy"):
             init["target_epsilon"] = float(cell.rsplit("eps", 1)[1])
     bb = cfg["model"]["init_args"]["backbone"]["init_args"]
@@ -122,14 +124,19 @@ def fmt(v: float | None, digits: int = 4) -> str:
 
 
 def table(rows: list[dict[str, Any]], order: list[str]) -> str:
-    head = ["cell", "epsilon", "val ppl", *[t for _, t in SHOWN], "minutes"]
+    keys = {k for r in rows for k in r["metrics"]}
+    tox = "toxicity" if any(k.startswith("val/bias/bold_toxicity") for k in keys) else "profanity"
+    shown = [(k.format(tox=tox), t.format(tox=tox)) for k, t in SHOWN]
+    head = ["cell", "epsilon", "val ppl", "val ppl male", "val ppl female", *[t for _, t in shown], "minutes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: order.index(r["cell"]) if r["cell"] in order else len(order)):
         m = r["metrics"]
         eps = m.get("dp/epsilon")
-        ppl = m.get("val/ppl") or m.get("val/perplexity")
-        vals = [fmt(m.get(f"val/bias/{k}")) for k, _ in SHOWN]
+        ppl = m.get("val/ppl")
+        vals = [fmt(m.get(f"val/bias/{k}")) for k, _ in shown]
+        by_gender = [fmt(m.get(f"val/ppl/group=American_{g}"), 2) for g in ("actors", "actresses")]
         lines.append(f"| {r['cell']} | {fmt(eps, 2) if eps is not None else 'non-DP'} | {fmt(ppl, 2)} | "
+                     + " | ".join(by_gender) + " | "
                      + " | ".join(vals) + f" | {r['seconds'] / 60:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -150,9 +157,10 @@ def main() -> int:
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--finetune", default="last_k", choices=["all", "last_k", "lora"])
     p.add_argument("--last-k", type=int, default=2)
-    p.add_argument("--limit", type=int, default=150, help="items per benchmark (BOLD: prompts)")
+    p.add_argument("--limit", type=int, default=150, help="items per benchmark (BOLD: prompts); 0: all")
+    p.add_argument("--toxicity-model", type=Path, default=None, help="a local Hugging Face toxicity classifier")
     p.add_argument("--bold-domains", nargs="+", default=["gender"])
-    p.add_argument("--val-batches", type=int, default=8)
+    p.add_argument("--val-batches", type=int, default=0, help="validation batches (0: all)")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     order = cells(args.epsilons)
