@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import fields
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from dplit.callbacks._privacy_state import PrivacyState
 from dplit.callbacks._trainer_checks import check_accumulation, check_min_training, check_trainer, planned_end
 from dplit.callbacks._wiring import TrainLoaderPatch
 from dplit.privacy import budget, engine
@@ -20,7 +21,6 @@ from dplit.privacy.backends import PerSampleBackend, make_backend
 from dplit.privacy.compat import prepare_model
 from dplit.privacy.config import AccountantName, ClippingMode, GradSampleMode, PrivacyConfig, PrivacyConfigError
 from dplit.privacy.ledger import PrivacyLedger
-from dplit.privacy.resume import check_same_privacy, open_ledger
 from dplit.privacy.rng import make_generators
 from dplit.privacy.stepping import BatchTrace, StepController, discard_pending
 from dplit.privacy.use_guard import OutsideUseGuard
@@ -28,7 +28,7 @@ from dplit.privacy.use_guard import OutsideUseGuard
 log = logging.getLogger(__name__)
 
 
-class DifferentialPrivacy(Callback):
+class DifferentialPrivacy(PrivacyState):
     """Per-sample clipping + Gaussian noise + Poisson sampling + accounting, without the task knowing.
 
     In ``setup`` the model and trainer are checked (BatchNorm, parameters no clipping rule covers, gradient
@@ -71,28 +71,8 @@ class DifferentialPrivacy(Callback):
         replace_batchnorm: bool = False,
         ledger: bool = True,
     ) -> None:
-        self.config = PrivacyConfig(
-            noise_multiplier=noise_multiplier,
-            target_epsilon=target_epsilon,
-            max_epsilon=max_epsilon,
-            max_grad_norm=max_grad_norm,
-            delta=delta,
-            accountant=accountant,
-            clipping=clipping,
-            algorithm=algorithm,
-            count_noise=count_noise,
-            global_threshold=global_threshold,
-            target_quantile=target_quantile,
-            adapt_lr=adapt_lr,
-            min_clip=min_clip,
-            max_clip=max_clip,
-            stability=stability,
-            grad_sample_mode=grad_sample_mode,
-            poisson_sampling=poisson_sampling,
-            max_physical_batch_size=max_physical_batch_size,
-            secure_mode=secure_mode,
-            insecure_testing_seed=insecure_testing_seed,
-        )
+        given = locals()  # every argument named like a PrivacyConfig field goes to it (the config validates them)
+        self.config = PrivacyConfig(**{f.name: given[f.name] for f in fields(PrivacyConfig)})
         self.replace_batchnorm = replace_batchnorm
         self.use_ledger = ledger
         self.ledger: PrivacyLedger | None = None
@@ -228,62 +208,6 @@ class DifferentialPrivacy(Callback):
             cfg.delta,
         )
 
-    def _start_accountant(self, trainer: L.Trainer, per_epoch: int) -> None:
-        cfg, plan = self.config, self.plan
-        assert plan is not None
-        steps = passes = None
-        if cfg.target_epsilon is not None and cfg.poisson_sampling:
-            steps = budget.planned_steps(trainer.max_steps, trainer.max_epochs, per_epoch)
-        elif cfg.target_epsilon is not None:
-            passes = budget.planned_passes(trainer.max_steps, trainer.max_epochs, per_epoch)
-        self.noise_multiplier = budget.resolve_noise_multiplier(cfg, plan, steps, passes)
-        self._fingerprint = cfg.fingerprint(
-            noise_multiplier=self.noise_multiplier, sample_rate=plan.sample_rate, dataset_size=plan.dataset_size
-        )
-        self.accountant = PrivacyAccountant(cfg.accountant)
-
-    def _continue_accountant(self, plan: engine.SamplingPlan) -> None:
-        """A second ``fit`` with this callback: the same plan continues the same accountant (never a reset)."""
-        assert self.plan is not None and self.accountant is not None
-        if (plan.dataset_size, plan.batch_size) != (self.plan.dataset_size, self.plan.batch_size):
-            raise PrivacyConfigError(
-                f"This DifferentialPrivacy callback already trained with N={self.plan.dataset_size}, "
-                f"B={self.plan.batch_size}; fitting again with N={plan.dataset_size}, B={plan.batch_size} would need "
-                "another accountant. Continue with the same data and batch size, or use a new callback (a new run)."
-            )
-        log.info("DifferentialPrivacy: fit again; the accountant continues at step %d.", self.accountant.steps)
-
-    def _restore(self) -> None:
-        state, self._restored = self._restored, None
-        if state is None:
-            return
-        assert self.accountant is not None and self._fingerprint is not None and self.plan is not None
-        assert self.noise_multiplier is not None
-        check_same_privacy(state, self._fingerprint, self.noise_multiplier, self.plan.sample_rate)
-        restored = PrivacyAccountant(self.config.accountant)
-        restored.load_state_dict(state["accountant"])
-        if restored.steps > self.accountant.steps:  # never backwards: keep whichever history is longer
-            self.accountant.load_state_dict(restored.state_dict())
-        self._restored_ledger = state
-        self._restored_algorithm = state.get("algorithm") or None
-        log.info("Resumed privacy accountant at step %d (epsilon=%.4g)", self.accountant.steps, self.epsilon)
-
-    def _open_ledger(self, trainer: L.Trainer) -> None:
-        assert self.accountant is not None and self._fingerprint is not None
-        if not self.use_ledger:
-            return
-        state = self._restored_ledger
-        if self.ledger is None or state is not None:
-            log_dir = trainer.log_dir or trainer.default_root_dir
-            self.ledger = open_ledger(state, self.accountant, self._fingerprint, log_dir)
-        self._restored_ledger = None
-        self._write_ledger()
-
-    def _write_ledger(self) -> None:
-        if self.ledger is not None and self._fingerprint is not None and self._is_global_zero:
-            assert self.accountant is not None
-            self.ledger.write(self._fingerprint, self.accountant.state_dict())
-
     # ---------------------------------------------------------------- per step: guard, account, log, stop
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -368,25 +292,6 @@ class DifferentialPrivacy(Callback):
                 logger.log_metrics(self._metrics(), step=trainer.global_step)
                 logger.save()
 
-    def _metrics(self) -> dict[str, float]:
-        assert self.accountant is not None and self.plan is not None
-        return {
-            "privacy/epsilon": self.epsilon,
-            "privacy/delta": self.config.delta,
-            "privacy/noise_multiplier": float(self.noise_multiplier or 0.0),
-            **(
-                {"privacy/gradient_noise_multiplier": self.algorithm.gradient_noise_multiplier}
-                if self.algorithm is not None and self.algorithm.gradient_noise_multiplier != self.noise_multiplier
-                else {}
-            ),
-            "privacy/sample_rate": self.plan.sample_rate,
-            "privacy/steps": float(self.accountant.steps),
-            **{f"privacy/{k}": v for k, v in (self.controller.released_metrics if self.controller else {}).items()},
-        }
-
-    def _log(self, pl_module: L.LightningModule, on_step: bool) -> None:
-        pl_module.log_dict(self._metrics(), on_step=on_step, on_epoch=False, prog_bar=False, sync_dist=False)
-
     def per_sample_grad_norms(self) -> torch.Tensor | None:
         """Pre-clipping per-example gradient norms [B] of the current batch (call between backward and step).
 
@@ -401,11 +306,6 @@ class DifferentialPrivacy(Callback):
         """The per-example clipping bound (the DP algorithm's sensitivity), for diagnostics."""
         return self.algorithm.sensitivity if self.algorithm is not None else self.config.max_grad_norm
 
-    @property
-    def epsilon(self) -> float:
-        """Epsilon spent so far at ``delta`` (0 before the first step)."""
-        return 0.0 if self.accountant is None else self.accountant.epsilon(self.config.delta)
-
     # ---------------------------------------------------------------- teardown and checkpoint state
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -419,27 +319,3 @@ class DifferentialPrivacy(Callback):
         if self._loader_patch is not None:
             self._loader_patch.restore()
             self._loader_patch = None
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        if self.accountant is None:
-            return {} if self._restored is None else dict(self._restored)
-        state: dict[str, Any] = {
-            "accountant": self.accountant.state_dict(),
-            "fingerprint": self._fingerprint,
-            "noise_multiplier": float(self.noise_multiplier or 0.0),
-            "sample_rate": self.plan.sample_rate if self.plan else 0.0,
-            "epsilon": self.epsilon,
-            "delta": self.config.delta,
-            # metadata: a run trained with public randomness says so in every checkpoint
-            "insecure_testing_seed": self.config.insecure_testing_seed is not None,
-            "algorithm": self.algorithm.state_dict() if self.algorithm is not None else {},
-        }
-        if self.ledger is not None:
-            state["ledger_path"] = str(self.ledger.path.resolve())
-            state["run_id"] = self.ledger.run_id
-        return state
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = dict(state_dict) if state_dict else None
