@@ -1,0 +1,109 @@
+"""Per-example ``nn.Conv2d`` weight gradients from a layer's captured input and output gradient.
+
+Each example's weight gradient is ``dW_i[o, c, p, q] = sum_{y, x} g_i[o, y, x] * a_i[c, y*s + p*d, x*s + q*d]`` (per
+group). It is formed as one batched product of the output gradients ``[n, G, out/G, L]`` with the input patches
+``[n, G, in/G*kh*kw, L]``; the patches are copied from a strided view of the (padded) input, which is several times
+cheaper on CPU than ``unfold`` (``im2col``), or taken from one grouped convolution weight-gradient
+(``torch.nn.grad.conv2d_weight`` with the batch as ``n*G`` groups) where that is cheaper. Both are exact (the same
+sums, in a different order); ``scripts/bench_conv_grads.py`` times them per layer shape.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.functional import pad
+from torch.nn.grad import conv2d_weight
+
+
+def padded_input(m: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The input as the layer's convolution sees it, and the zero padding still to apply (``padding`` as ints).
+
+    A non-``zeros`` ``padding_mode`` or a string ``padding`` ("same", "valid") is applied here, as the layer's
+    forward applies it (``_reversed_padding_repeated_twice``); integer zero padding is left to the caller.
+    """
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        return pad(a, m._reversed_padding_repeated_twice, mode=mode), (0, 0)
+    ph, pw = m.padding  # type: ignore[misc]
+    return a, (int(ph), int(pw))
+
+
+def patches(m: nn.Conv2d, a: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Input patches ``[n, G, in/G*kh*kw, Ho*Wo]`` (contiguous) of input ``a`` [n, in, H, W] for layer ``m``."""
+    a, (ph, pw) = padded_input(m, a)
+    if ph or pw:
+        a = pad(a, (pw, pw, ph, ph))
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    ho, wo = out_hw
+    n, c = a.shape[:2]
+    # windows of the dilated kernel's extent, every stride; then every dilation-th element of each window
+    view = a.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]  # [n,c,Ho',Wo',kh,kw]
+    view = view[:, :, :ho, :wo]
+    g = m.groups
+    return view.permute(0, 1, 4, 5, 2, 3).reshape(n, g, c // g * kh * kw, ho * wo)
+
+
+def per_example_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """Each example's weight gradient, ``[n, out, in/groups*kh*kw]`` (``m.weight`` flattened after dim 0).
+
+    Args:
+        m: the layer (its stride, padding, padding_mode, dilation and groups are honoured).
+        a: the layer's input ``[n, in, H, W]``.
+        g: the gradient of the loss with respect to the layer's output ``[n, out, Ho, Wo]``.
+        method: ``"patches"`` (strided copy + batched product), ``"grouped"`` (one grouped convolution weight
+            gradient) or ``"auto"`` (``grouped`` when the layer has several input channels per group and a small
+            output, ``patches`` otherwise; the choice measured on MnistCNN's two layers, see the module docstring).
+    """
+    n, out = g.shape[:2]
+    ho, wo = g.shape[2:]
+    groups = m.groups
+    if method == "auto":
+        method = "patches"
+    if method == "patches":
+        cols = patches(m, a, (ho, wo))  # [n, G, D, L]
+        gg = g.reshape(n, groups, out // groups, ho * wo)  # [n, G, out/G, L]
+        return torch.matmul(gg, cols.transpose(2, 3)).reshape(n, out, -1)
+    if method != "grouped":
+        raise ValueError(f"per_example_weight_grads: method must be 'auto', 'patches' or 'grouped', not {method!r}")
+    a, padding = padded_input(m, a)
+    c = a.shape[1]
+    shape = (n * out, c // groups, *m.kernel_size)
+    gw = conv2d_weight(
+        a.reshape(1, n * c, *a.shape[2:]),
+        shape,
+        g.reshape(1, n * out, ho, wo),
+        stride=m.stride,
+        padding=padding,
+        dilation=m.dilation,
+        groups=n * groups,
+    )
+    return gw.reshape(n, out, -1)
+
+
+def conv_per_example(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example gradients of ``m``'s trainable parameters: ``weight`` [n, out, in/G*kh*kw], ``bias`` [n, out].
+
+    ``a`` [n, in, H, W] is the layer's input and ``g`` [n, out, Ho, Wo] the gradient of its output (as captured).
+    """
+    grads = {}
+    if m.weight.requires_grad:
+        grads["weight"] = per_example_weight_grads(m, a, g)
+    if m.bias is not None and m.bias.requires_grad:
+        grads["bias"] = g.flatten(2).sum(2)
+    return grads
+
+
+def sq_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Squared norms ``[n]`` of per-example gradients (each ``[n, ...]``), summed over the parameters."""
+    return sum(torch.linalg.vector_norm(v.flatten(1), dim=1).square() for v in grads.values())  # type: ignore[return-value]
+
+
+def write_clipped_sums(m: nn.Module, grads: dict[str, torch.Tensor], coef: torch.Tensor) -> None:
+    """``p.grad = sum_i coef[i] * grads[name][i]`` (in ``p``'s shape and dtype) for each entry of ``grads``."""
+    for name, v in grads.items():
+        p = getattr(m, name)
+        p.grad = (coef.to(v.dtype) @ v.flatten(1)).reshape_as(p).to(p.dtype)
+
+
+__all__ = ["conv_per_example", "padded_input", "patches", "per_example_weight_grads", "sq_norms", "write_clipped_sums"]
