@@ -2,10 +2,10 @@
 
 Each example's weight gradient is ``dW_i[o, c, p, q] = sum_{y, x} g_i[o, y, x] * a_i[c, y*s + p*d, x*s + q*d]`` (per
 group). It is formed as one batched product of the output gradients ``[n, G, out/G, L]`` with the input patches
-``[n, G, in/G*kh*kw, L]``; the patches are copied from a strided view of the (padded) input, which is several times
-cheaper on CPU than ``unfold`` (``im2col``), or taken from one grouped convolution weight-gradient
-(``torch.nn.grad.conv2d_weight`` with the batch as ``n*G`` groups) where that is cheaper. Both are exact (the same
-sums, in a different order); ``scripts/bench_conv_grads.py`` times them per layer shape.
+``[n, G, in/G*kh*kw, L]``; the patches are copied from a strided view of the (padded) input, which is up to 2x
+cheaper on CPU than ``unfold`` (``im2col``). The alternative, one grouped convolution weight-gradient
+(``torch.nn.grad.conv2d_weight`` with the batch as ``n*G`` groups), is kept as an independent check and for
+benchmarks (``scripts/bench_conv_grads.py``); both are exact (the same sums, in a different order).
 """
 
 from __future__ import annotations
@@ -44,28 +44,26 @@ def patches(m: nn.Conv2d, a: torch.Tensor, out_hw: tuple[int, int]) -> torch.Ten
     return view.permute(0, 1, 4, 5, 2, 3).reshape(n, g, c // g * kh * kw, ho * wo)
 
 
-def per_example_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, method: str = "auto") -> torch.Tensor:
+def per_example_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, method: str = "patches") -> torch.Tensor:
     """Each example's weight gradient, ``[n, out, in/groups*kh*kw]`` (``m.weight`` flattened after dim 0).
 
     Args:
         m: the layer (its stride, padding, padding_mode, dilation and groups are honoured).
         a: the layer's input ``[n, in, H, W]``.
         g: the gradient of the loss with respect to the layer's output ``[n, out, Ho, Wo]``.
-        method: ``"patches"`` (strided copy + batched product), ``"grouped"`` (one grouped convolution weight
-            gradient) or ``"auto"`` (``grouped`` when the layer has several input channels per group and a small
-            output, ``patches`` otherwise; the choice measured on MnistCNN's two layers, see the module docstring).
+        method: ``"patches"`` (strided copy + batched product) or ``"grouped"`` (one grouped convolution weight
+            gradient). On MnistCNN's layers (``scripts/bench_conv_grads.py``, 1 CPU thread) ``patches`` is 1.3-1.8x
+            faster than ``unfold`` + ``bmm`` on conv1 and ``grouped`` no faster anywhere: ``patches`` is used.
     """
     n, out = g.shape[:2]
     ho, wo = g.shape[2:]
     groups = m.groups
-    if method == "auto":
-        method = "patches"
     if method == "patches":
         cols = patches(m, a, (ho, wo))  # [n, G, D, L]
         gg = g.reshape(n, groups, out // groups, ho * wo)  # [n, G, out/G, L]
         return torch.matmul(gg, cols.transpose(2, 3)).reshape(n, out, -1)
     if method != "grouped":
-        raise ValueError(f"per_example_weight_grads: method must be 'auto', 'patches' or 'grouped', not {method!r}")
+        raise ValueError(f"per_example_weight_grads: method must be 'patches' or 'grouped', not {method!r}")
     a, padding = padded_input(m, a)
     c = a.shape[1]
     shape = (n * out, c // groups, *m.kernel_size)
