@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from dplit.models.lstm import LSTMScan
-from dplit.privacy.conv_grads import conv_per_example, sq_norms, write_clipped_sums
+from dplit.privacy.bookkeeping_rules import per_example, sq_norm, write_clipped
 from dplit.privacy.coverage import UncoveredParameterError
 from dplit.privacy.lstm_rules import GateCapture
 from dplit.privacy.precision import widen
@@ -254,8 +254,8 @@ class BookKeeping:
             assert e is not None
             # the loss is a mean over the n examples: each example's own gradient is n * (its share); every rule
             # is linear in g, so the factor goes on the squared norms (n^2) and the clip factors (n), not on g
-            grads = self._per_example(m, e)  # Conv2d: {"weight": [n, out, in*k*k], "bias": [n, out]}; else None
-            sq_norms += self._sq_norm(m, e, grads).double() * (n * n)
+            grads = per_example(m, e)  # Conv2d: {"weight": [n, out, in*k*k], "bias": [n, out]}; else None
+            sq_norms += sq_norm(m, e, grads).double() * (n * n)
             per_layer.append((m, e, grads))
         captured = dict(entries)
         for emb, head in self._tied:  # |G_emb + G_head|^2 = |G_emb|^2 + |G_head|^2 + 2 <G_emb, G_head>
@@ -272,68 +272,10 @@ class BookKeeping:
             w.grad = None
         for m, e, grads in per_layer:
             before = [(w, w.grad) for w in shared if w.grad is not None and any(q is w for q in m.parameters(False))]
-            self._write_clipped(m, e, grads, coef)
+            write_clipped(m, e, grads, coef)
             for w, g in before:  # a tied weight's clipped sum: both uses' contributions
                 w.grad = w.grad + g  # type: ignore[operator]
         self.batches_clipped += 1
-
-    @staticmethod
-    def _per_example(m: nn.Module, e: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        return conv_per_example(m, e["a"], e["g"]) if isinstance(m, nn.Conv2d) else None
-
-    @staticmethod
-    def _sq_norm(m: nn.Module, e: dict[str, torch.Tensor], grads: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        if rule := bookkeeping_rule(m):
-            return rule.sq_norm(m, e["a"], e["g"])
-        if isinstance(m, nn.Embedding):
-            return _embedding_sq_norm(m, e["a"], e["g"])
-        if isinstance(m, LSTMScan):
-            a4, g4 = e["a"], e["g"]  # [D, B, T, H], [D, B, T, 4H]
-            d, nb, t_len = a4.shape[:3]
-            a3, g3 = a4.reshape(d * nb, t_len, -1), g4.reshape(d * nb, t_len, -1)  # views
-            return _seq_sq_norm(a3, g3).view(d, nb).sum(0)
-        a, g = e["a"], e["g"]
-        n = len(a)
-        if grads is not None:  # Conv2d: per-example gradients
-            return sq_norms(grads) if grads else g.new_zeros(n)
-        train_bias = m.bias is not None and m.bias.requires_grad
-        g3 = g.reshape(n, -1, g.shape[-1])  # [n, T, out]
-        sq = _seq_sq_norm(a.reshape(n, -1, a.shape[-1]), g3) if m.weight.requires_grad else g.new_zeros(n)
-        return sq + g3.sum(1).pow(2).sum(1) if train_bias else sq
-
-    @staticmethod
-    def _write_clipped(
-        m: nn.Module, e: dict[str, torch.Tensor], grads: dict[str, torch.Tensor] | None, coef: torch.Tensor
-    ) -> None:
-        if rule := bookkeeping_rule(m):
-            return rule.write(m, e["a"], e["g"], coef)
-        if isinstance(m, nn.Embedding):
-            ids, g = e["a"], e["g"]
-            rows = (g * coef[:, None, None]).reshape(-1, g.shape[-1])
-            if m.padding_idx is not None:
-                rows = rows * (ids.reshape(-1, 1) != m.padding_idx)
-            m.weight.grad = torch.zeros_like(m.weight).index_add_(0, ids.reshape(-1), rows.to(m.weight.dtype))
-            return
-        if isinstance(m, LSTMScan):
-            a4, g4 = e["a"], e["g"]  # [D, B, T, H], [D, B, T, 4H]
-            d, nb, t_len, h = a4.shape
-            ac = a4 * coef[None, :, None, None]  # scale the (4x smaller) hidden states, not the gate gradients
-            m.weight.grad = torch.bmm(g4.reshape(d, nb * t_len, -1).transpose(1, 2), ac.reshape(d, nb * t_len, h)).to(
-                m.weight.dtype
-            )
-            return
-        a, g = e["a"], e["g"]
-        n = len(a)
-        weight, bias = m.weight, m.bias
-        assert isinstance(weight, torch.Tensor)
-        if grads is not None:  # Conv2d: weighted sums of the per-example gradients
-            return write_clipped_sums(m, grads, coef)
-        gc = (g.reshape(n, -1, g.shape[-1]) * coef[:, None, None]).flatten(0, 1)  # [n*T, out]
-        if weight.requires_grad:
-            weight.grad = (gc.T @ a.reshape(-1, a.shape[-1])).to(weight.dtype)  # [out, in]
-        b = gc.sum(0) if bias is not None else None
-        if b is not None and isinstance(bias, torch.Tensor) and bias.requires_grad:
-            bias.grad = b.to(bias.dtype)
 
 
 def _batch_size(m: nn.Module, e: dict[str, torch.Tensor] | None) -> int:
@@ -355,31 +297,6 @@ def _unit_entry(m: nn.Module, e: dict[str, torch.Tensor] | None, k: int, name: s
             "before clipping; use `grad_sample_mode: hooks` (or functorch) for multi-row units with convolutions."
         )
     return to_units(m, e, k, lstm=isinstance(m, LSTMScan))
-
-
-def _seq_sq_norm(a3: torch.Tensor, g3: torch.Tensor) -> torch.Tensor:
-    """Squared norms ``[n]`` of ``sum_t g_t a_t^T`` for ``a3`` [n, T, in], ``g3`` [n, T, out]."""
-    t_len = a3.shape[1]
-    if t_len == 1:  # ||g a^T||^2 = ||g||^2 ||a||^2
-        return g3[:, 0].pow(2).sum(1) * a3[:, 0].pow(2).sum(1)
-    if t_len * t_len <= a3.shape[2] * g3.shape[2]:  # ghost norm: sum_{t,s} (a_t . a_s)(g_t . g_s)
-        return (torch.bmm(a3, a3.transpose(1, 2)) * torch.bmm(g3, g3.transpose(1, 2))).sum((1, 2))
-    return torch.bmm(g3.transpose(1, 2), a3).flatten(1).pow(2).sum(1)  # the per-example gradients themselves
-
-
-def _embedding_sq_norm(m: nn.Embedding, ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Squared per-example gradient norms of an embedding: rows summed per (example, token), without [n, V, D]."""
-    n = ids.shape[0]
-    ids2 = ids.reshape(n, -1)
-    g2 = g.reshape(n, ids2.shape[1], -1)
-    if m.padding_idx is not None:
-        g2 = g2 * (ids2 != m.padding_idx)[..., None]
-    example = torch.arange(n, device=ids.device)[:, None].expand_as(ids2)
-    keys = (example * m.num_embeddings + ids2).reshape(-1)
-    uniq, inverse = torch.unique(keys, return_inverse=True)
-    sums = torch.zeros(len(uniq), g2.shape[-1], dtype=g2.dtype, device=g2.device)
-    sums.index_add_(0, inverse, g2.reshape(-1, g2.shape[-1]))
-    return torch.zeros(n, dtype=g2.dtype, device=g2.device).index_add_(0, uniq // m.num_embeddings, sums.pow(2).sum(1))
 
 
 __all__ = ["RULES", "BookKeeping", "check_supported", "uncovered_parameters"]
