@@ -10,7 +10,8 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from dplit.privacy.bookkeeping import BookKeeping, check_supported
-from dplit.privacy.conv_grads import conv_per_example, per_example_weight_grads, sq_norms, write_clipped_sums
+from dplit.privacy import conv_grads
+from dplit.privacy.conv_grads import conv_per_example, per_example_weight_grads, write_clipped
 
 # (in, out, kernel, stride, padding, dilation, groups, bias, padding_mode)
 LAYERS = {
@@ -54,16 +55,30 @@ def test_per_example_conv_gradients_match_vmap_autograd(name):
     for method in ("patches", "grouped"):
         w = per_example_weight_grads(m, a, g, method=method)
         torch.testing.assert_close(w, ref["weight"].flatten(2), msg=f"{method}")
-    grads = conv_per_example(m, a, g)
-    assert set(grads) == set(ref)
-    for k, v in grads.items():
-        torch.testing.assert_close(v.reshape_as(ref[k]), ref[k])
     expected_sq = sum(v.flatten(1).pow(2).sum(1) for v in ref.values())
-    torch.testing.assert_close(sq_norms(grads), expected_sq)
     coef = torch.rand(5, dtype=torch.double)
-    write_clipped_sums(m, grads, coef)
-    for k, p in m.named_parameters():
-        torch.testing.assert_close(p.grad, torch.einsum("n,n...->...", coef, ref[k]))
+    for keep in (True, False):  # the clipped sum from kept per-example gradients, or recomputed from a and g
+        per = conv_per_example(m, a, g, keep=keep)
+        assert (per.weight is not None, per.recompute) == (keep, not keep)
+        torch.testing.assert_close(per.weight, ref["weight"].flatten(2) if keep else None)
+        torch.testing.assert_close(per.bias, ref.get("bias"))
+        torch.testing.assert_close(per.sq, expected_sq)
+        m.zero_grad(set_to_none=True)
+        write_clipped(m, per, None if keep else a, None if keep else g, coef)
+        for k, p in m.named_parameters():
+            torch.testing.assert_close(p.grad, torch.einsum("n,n...->...", coef, ref[k]))
+
+
+def test_chunks_of_examples_give_the_same_norms(monkeypatch):
+    torch.manual_seed(1)
+    m = _layer(LAYERS["dilation-stride"])
+    a = torch.randn(9, m.in_channels, 7, 6, dtype=torch.double)
+    g = torch.randn_like(m(a))
+    whole = conv_per_example(m, a, g, keep=True)
+    monkeypatch.setattr(conv_grads, "CHUNK_BYTES", 1)  # one example a chunk
+    chunked = conv_per_example(m, a, g, keep=True)
+    torch.testing.assert_close(chunked.sq, whole.sq)
+    torch.testing.assert_close(chunked.weight, whole.weight)
 
 
 def test_a_frozen_weight_leaves_only_the_bias_and_an_unknown_method_is_refused():
@@ -71,7 +86,8 @@ def test_a_frozen_weight_leaves_only_the_bias_and_an_unknown_method_is_refused()
     m.bias.requires_grad_(True)
     a = torch.randn(3, 2, 5, 5, dtype=torch.double)
     g = torch.randn_like(m(a))
-    assert set(conv_per_example(m, a, g)) == {"bias"}
+    per = conv_per_example(m, a, g)
+    assert per.weight is None and not per.recompute and per.bias is not None
     with pytest.raises(ValueError, match="method must be"):
         per_example_weight_grads(m, a, g, method="im2col")
 
@@ -91,7 +107,8 @@ def _per_example_clipped_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, c
 def test_bookkeeping_grouped_convs_and_a_first_layer_hidden_from_autograd_are_exact(first_bias):
     """Every conv parameter is hidden from autograd during the forward (no summed gradient formed; the first
     layer's output made a leaf that requires grad so its output gradient is still captured): the clipped sum equals
-    per-example autograd's, grouped and depthwise convolutions included."""
+    per-example autograd's, grouped and depthwise convolutions included, kept per-example gradients (the first
+    layers) and the clipped sum recomputed from the captures (the last conv) alike."""
     torch.manual_seed(3)
     net = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, bias=first_bias),
@@ -99,6 +116,8 @@ def test_bookkeeping_grouped_convs_and_a_first_layer_hidden_from_autograd_are_ex
         nn.Conv2d(4, 6, 3, stride=2, groups=2, padding_mode="reflect", padding=1),
         nn.Tanh(),
         nn.Conv2d(6, 6, 2, groups=6, dilation=2),
+        nn.Tanh(),
+        nn.Conv2d(6, 8, 2),  # [6, 2, 2] -> [8, 1, 1]: per-example gradients larger than a and g, recomputed
         nn.Flatten(),
         nn.LazyLinear(2),
     ).double()

@@ -34,6 +34,7 @@ from torch import nn
 
 from dplit.models.lstm import LSTMScan
 from dplit.privacy.bookkeeping_rules import per_example, sq_norm, write_clipped
+from dplit.privacy.conv_grads import ConvPerExample
 from dplit.privacy.coverage import UncoveredParameterError
 from dplit.privacy.lstm_rules import GateCapture
 from dplit.privacy.precision import widen
@@ -128,6 +129,7 @@ class BookKeeping:
         self._handles = []
         self._gates = GateCapture(module, own_weight_grad=True)  # LSTM layers: gate gradients, weight.grad by us
         self._hidden: dict[nn.Module, list[torch.Tensor]] = {}  # parameters hidden from autograd in this forward
+        self._anchors: dict[torch.device, torch.Tensor] = {}  # put a first layer's output in the graph (_OutputTap)
         for m in self.layers:
             if isinstance(m, nn.Linear | nn.Conv2d):
                 self._handles.append(m.register_forward_pre_hook(self._hide_params))
@@ -146,8 +148,8 @@ class BookKeeping:
         so that autograd does not form the summed gradients ``clip_into_grad`` replaces anyway (the backward then
         computes only the input gradient, and a Linear's bias gradient; the output gradient ``g`` is still
         captured). On CPU a convolution's bias-only backward costs as much as its weight gradient, hence the bias.
-        If the output then needs no gradient (a first layer: its input does not require grad), it is made a leaf
-        that requires one, so that the backward still reaches the layer's backward hook. The flags are restored by
+        If the output then needs no gradient (a first layer: its input does not require grad), it is passed through
+        ``_OutputTap``, so that the backward still reaches the layer's backward hook. The flags are restored by
         the forward hook, and by ``clip_into_grad``/``remove_hooks`` if a forward failed."""
         if not (module.training and torch.is_grad_enabled()):
             return
@@ -164,16 +166,19 @@ class BookKeeping:
                 p.requires_grad_(True)
         self._hidden.clear()
 
-    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         hidden = self._hidden.pop(module, None)
         for p in hidden or ():
             p.requires_grad_(True)
+        tapped = None
         if hidden and isinstance(output, torch.Tensor) and not output.requires_grad:
-            output.requires_grad_(True)  # a leaf (nothing before it needs grad): its gradient g is still captured
+            anchor = self._anchors.setdefault(output.device, output.new_zeros((), requires_grad=True))
+            tapped = _OutputTap.apply(output, anchor)  # nothing before it needs grad: g is still captured
         if module.training and torch.is_grad_enabled():
             self._calls[module] = self._calls.get(module, 0) + 1
             if not isinstance(module, LSTMScan):  # LSTMScan keeps its own (see _capture)
                 self._store.setdefault(module, {"a": [], "g": []})["a"].append(inputs[0].detach())
+        return tapped
 
     def _backward_hook(self, module: nn.Module, grad_input: Any, grad_output: tuple[torch.Tensor, ...]) -> None:
         if module in self._store:
@@ -248,15 +253,15 @@ class BookKeeping:
             self.last_norms = torch.zeros(0, device=device)
             self.batches_clipped += 1
             return
-        per_layer: list[tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]] = []
+        per_layer: list[tuple[Any, dict[str, torch.Tensor], ConvPerExample | None]] = []
         sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
         for m, e in entries:
             assert e is not None
             # the loss is a mean over the n examples: each example's own gradient is n * (its share); every rule
             # is linear in g, so the factor goes on the squared norms (n^2) and the clip factors (n), not on g
-            grads = per_example(m, e)  # Conv2d: {"weight": [n, out, in*k*k], "bias": [n, out]}; else None
-            sq_norms += sq_norm(m, e, grads).double() * (n * n)
-            per_layer.append((m, e, grads))
+            per = per_example(m, e)  # Conv2d: per-example norms and gradients (may drop e's captures); else None
+            sq_norms += sq_norm(m, e, per).double() * (n * n)
+            per_layer.append((m, e, per))
         captured = dict(entries)
         for emb, head in self._tied:  # |G_emb + G_head|^2 = |G_emb|^2 + |G_head|^2 + 2 <G_emb, G_head>
             sq_norms += tied_cross_sq(emb, captured[emb], captured[head]).double() * (n * n)  # type: ignore[arg-type]
@@ -270,12 +275,26 @@ class BookKeeping:
         shared: list[torch.Tensor] = [emb.weight for emb, _ in self._tied]
         for w in shared:
             w.grad = None
-        for m, e, grads in per_layer:
+        for m, e, per in per_layer:
             before = [(w, w.grad) for w in shared if w.grad is not None and any(q is w for q in m.parameters(False))]
-            write_clipped(m, e, grads, coef)
+            write_clipped(m, e, per, coef)
             for w, g in before:  # a tied weight's clipped sum: both uses' contributions
                 w.grad = w.grad + g  # type: ignore[operator]
         self.batches_clipped += 1
+
+
+class _OutputTap(torch.autograd.Function):
+    """Identity on a layer output that would need no gradient, put in the graph by a 0-dim ``anchor`` that requires
+    grad: the backward reaches the layer's backward hook (which captures ``g``) and stops here, giving no gradient
+    to anything. (Making the output itself a leaf that requires grad would keep it alive until the backward.)"""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
+        return None, None
 
 
 def _batch_size(m: nn.Module, e: dict[str, torch.Tensor] | None) -> int:

@@ -15,18 +15,26 @@ import torch
 from torch import nn
 
 from dplit.models.lstm import LSTMScan
-from dplit.privacy.conv_grads import conv_per_example, sq_norms, write_clipped_sums
+from dplit.privacy import conv_grads
 from dplit.privacy.transformer_rules import bookkeeping_rule
 
 
-def per_example(m: nn.Module, e: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """Conv2d: each trainable parameter's per-example gradients (``[n, ...]`` by name); other layers: None."""
-    return conv_per_example(m, e["a"], e["g"]) if isinstance(m, nn.Conv2d) else None
+def per_example(m: nn.Module, e: dict[str, torch.Tensor]) -> conv_grads.ConvPerExample | None:
+    """Conv2d: its per-example norms and gradients (:func:`dplit.privacy.conv_grads.conv_per_example`), its
+    captures dropped from ``e`` when the clipped sum no longer needs them; other layers: None."""
+    if not isinstance(m, nn.Conv2d):
+        return None
+    per = conv_grads.conv_per_example(m, e["a"], e["g"])
+    if not per.recompute:
+        e.clear()  # free the layer's input and output gradient now (the largest captures of a CNN)
+    return per
 
 
-def sq_norm(m: nn.Module, e: dict[str, torch.Tensor], grads: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """Squared norms ``[n]`` of each example's gradient over the layer's trainable parameters (``grads``: see
+def sq_norm(m: nn.Module, e: dict[str, torch.Tensor], per: conv_grads.ConvPerExample | None) -> torch.Tensor:
+    """Squared norms ``[n]`` of each example's gradient over the layer's trainable parameters (``per``: see
     ``per_example``). Per example of the captured (mean-loss) gradients: the caller rescales by ``n^2``."""
+    if per is not None:
+        return per.sq
     if rule := bookkeeping_rule(m):
         return rule.sq_norm(m, e["a"], e["g"])
     if isinstance(m, nn.Embedding):
@@ -38,8 +46,6 @@ def sq_norm(m: nn.Module, e: dict[str, torch.Tensor], grads: dict[str, torch.Ten
         return seq_sq_norm(a3, g3).view(d, nb).sum(0)
     a, g = e["a"], e["g"]
     n = len(a)
-    if grads is not None:  # Conv2d: per-example gradients
-        return sq_norms(grads) if grads else g.new_zeros(n)
     train_bias = m.bias is not None and m.bias.requires_grad
     g3 = g.reshape(n, -1, g.shape[-1])  # [n, T, out]
     sq = seq_sq_norm(a.reshape(n, -1, a.shape[-1]), g3) if m.weight.requires_grad else g.new_zeros(n)
@@ -47,9 +53,12 @@ def sq_norm(m: nn.Module, e: dict[str, torch.Tensor], grads: dict[str, torch.Ten
 
 
 def write_clipped(
-    m: nn.Module, e: dict[str, torch.Tensor], grads: dict[str, torch.Tensor] | None, coef: torch.Tensor
+    m: nn.Module, e: dict[str, torch.Tensor], per: conv_grads.ConvPerExample | None, coef: torch.Tensor
 ) -> None:
     """``p.grad = sum_i coef[i] * grad_i`` for each trainable parameter ``p`` of the layer (``coef`` [n])."""
+    if per is not None:
+        assert isinstance(m, nn.Conv2d)
+        return conv_grads.write_clipped(m, per, e.get("a"), e.get("g"), coef)
     if rule := bookkeeping_rule(m):
         return rule.write(m, e["a"], e["g"], coef)
     if isinstance(m, nn.Embedding):
@@ -71,8 +80,6 @@ def write_clipped(
     n = len(a)
     weight, bias = m.weight, m.bias
     assert isinstance(weight, torch.Tensor)
-    if grads is not None:  # Conv2d: weighted sums of the per-example gradients
-        return write_clipped_sums(m, grads, coef)
     gc = (g.reshape(n, -1, g.shape[-1]) * coef[:, None, None]).flatten(0, 1)  # [n*T, out]
     if weight.requires_grad:
         weight.grad = (gc.T @ a.reshape(-1, a.shape[-1])).to(weight.dtype)  # [out, in]

@@ -10,6 +10,8 @@ benchmarks (``scripts/bench_conv_grads.py``); both are exact (the same sums, in 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn.functional import pad
@@ -79,29 +81,73 @@ def per_example_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, met
     return gw.reshape(n, out, -1)
 
 
-def conv_per_example(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-example gradients of ``m``'s trainable parameters: ``weight`` [n, out, in/G*kh*kw], ``bias`` [n, out].
+CHUNK_BYTES = 8 << 20
+"""Examples per chunk of the patch copy: about this many bytes of patches at a time (no slower than all at once)."""
+
+
+@dataclass
+class ConvPerExample:
+    """One Conv2d layer's per-example quantities for clipping (``n`` examples).
+
+    ``sq``: squared gradient norms ``[n]`` over the layer's trainable parameters; ``weight``: the per-example weight
+    gradients ``[n, out, in/G*kh*kw]`` when kept, None when the clipped sum is recomputed from the captures (or the
+    weight is frozen); ``bias``: per-example bias gradients ``[n, out]`` (None: no trainable bias).
+    """
+
+    sq: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    recompute: bool
+
+
+def conv_per_example(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, keep: bool | None = None) -> ConvPerExample:
+    """Squared per-example gradient norms of ``m``'s trainable parameters, and what the clipped sum needs.
 
     ``a`` [n, in, H, W] is the layer's input and ``g`` [n, out, Ho, Wo] the gradient of its output (as captured).
+    The per-example weight gradients are formed in chunks of examples; they are kept (``keep``; None: when they are
+    no larger than the captures ``a`` and ``g``, which the caller may then drop) or else only their norms are, and
+    :func:`write_clipped` forms the clipped sum as one weight gradient of the coefficient-scaled ``g`` (the same sum
+    by linearity, at the cost of a second product): peak memory is then the captures plus one chunk.
     """
-    grads = {}
-    if m.weight.requires_grad:
-        grads["weight"] = per_example_weight_grads(m, a, g)
-    if m.bias is not None and m.bias.requires_grad:
-        grads["bias"] = g.flatten(2).sum(2)
-    return grads
+    n, out = g.shape[:2]
+    sq = g.new_zeros(n)
+    weight = None
+    train_weight = bool(m.weight.requires_grad)
+    if keep is None:
+        keep = n * out * m.weight[0].numel() <= a.numel() + g.numel()
+    if train_weight:
+        per_example_bytes = m.weight[0].numel() * m.groups * g[0, 0].numel() * a.element_size()  # its patches
+        step = max(1, CHUNK_BYTES // max(1, per_example_bytes))
+        weight = g.new_empty(n, out, m.weight[0].numel()) if keep else None
+        for i in range(0, n, step):
+            w = per_example_weight_grads(m, a[i : i + step], g[i : i + step])  # [chunk, out, D]
+            sq[i : i + step] = torch.linalg.vector_norm(w.flatten(1), dim=1).square()
+            if weight is not None:
+                weight[i : i + step] = w
+    bias = g.flatten(2).sum(2) if m.bias is not None and m.bias.requires_grad else None
+    if bias is not None:
+        sq += bias.square().sum(1)
+    return ConvPerExample(sq, weight, bias, recompute=train_weight and not keep)
 
 
-def sq_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Squared norms ``[n]`` of per-example gradients (each ``[n, ...]``), summed over the parameters."""
-    return sum(torch.linalg.vector_norm(v.flatten(1), dim=1).square() for v in grads.values())  # type: ignore[return-value]
+def write_clipped(
+    m: nn.Conv2d, per: ConvPerExample, a: torch.Tensor | None, g: torch.Tensor | None, coef: torch.Tensor
+) -> None:
+    """``p.grad = sum_i coef[i] * grad_i`` (``p``'s shape and dtype) for the layer's trainable parameters.
+
+    ``a`` and ``g`` (the captures) are needed only when ``per.recompute``: the weight's clipped sum is then the weight
+    gradient of the layer for the output gradient ``coef[i] * g_i`` (exact: the per-example gradient is linear in g).
+    """
+    if per.weight is not None:
+        m.weight.grad = (coef.to(per.weight.dtype) @ per.weight.flatten(1)).reshape_as(m.weight).to(m.weight.dtype)
+    elif per.recompute:
+        assert a is not None and g is not None
+        x, padding = padded_input(m, a)
+        gc = g * coef.to(g.dtype).view(-1, 1, 1, 1)
+        w = conv2d_weight(x, m.weight.shape, gc, stride=m.stride, padding=padding, dilation=m.dilation, groups=m.groups)
+        m.weight.grad = w.to(m.weight.dtype)
+    if per.bias is not None and m.bias is not None:
+        m.bias.grad = (coef.to(per.bias.dtype) @ per.bias).to(m.bias.dtype)
 
 
-def write_clipped_sums(m: nn.Module, grads: dict[str, torch.Tensor], coef: torch.Tensor) -> None:
-    """``p.grad = sum_i coef[i] * grads[name][i]`` (in ``p``'s shape and dtype) for each entry of ``grads``."""
-    for name, v in grads.items():
-        p = getattr(m, name)
-        p.grad = (coef.to(v.dtype) @ v.flatten(1)).reshape_as(p).to(p.dtype)
-
-
-__all__ = ["conv_per_example", "padded_input", "patches", "per_example_weight_grads", "sq_norms", "write_clipped_sums"]
+__all__ = ["ConvPerExample", "conv_per_example", "padded_input", "patches", "per_example_weight_grads", "write_clipped"]
