@@ -6,8 +6,8 @@ background thread sampling VmRSS every ``--every`` seconds, and reports: RSS aft
 caching plateaus). ``--no-diagnostics`` drops the SubgroupMetrics callback's per-group training diagnostics, and
 ``--mmap-threshold`` fixes glibc's mmap threshold at 64 KiB (freed large tensors go back to the kernel) to separate
 live memory from what malloc keeps cached. Each worker first does what the ``dplit`` command does at start-up
-(``dplit.cli.malloc.tune_malloc``: a fixed mmap threshold, 1 MiB by default); ``--default-malloc`` runs with
-``DPLIT_MALLOC_MMAP_THRESHOLD=off`` (glibc's dynamic threshold, as before that setting existed).
+(``dplit.cli.malloc.tune_malloc``): nothing by default; with ``--dplit-mmap-threshold BYTES`` (which sets
+``DPLIT_MALLOC_MMAP_THRESHOLD``), a fixed mmap threshold set through ``mallopt``.
 
     .venv/bin/python scripts/bench_rss.py --configs mnist_dp,mnist_nodp --steps 40
 """
@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--every", type=float, default=0.25, help="RSS sampling period (s)")
     p.add_argument("--no-diagnostics", action="store_true", help="without the config's callbacks (DP kept)")
     p.add_argument("--mmap-threshold", action="store_true", help="MALLOC_MMAP_THRESHOLD_=65536 (live memory)")
-    p.add_argument("--default-malloc", action="store_true", help="DPLIT_MALLOC_MMAP_THRESHOLD=off (glibc default)")
+    p.add_argument("--dplit-mmap-threshold", default=None, help="DPLIT_MALLOC_MMAP_THRESHOLD (bytes) for the runs")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker is not None:
@@ -112,8 +112,9 @@ def main() -> None:
     env = dict(os.environ, WANDB_MODE="disabled")
     if args.mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    if args.default_malloc:
-        env["DPLIT_MALLOC_MMAP_THRESHOLD"] = "off"
+    env.pop("DPLIT_MALLOC_MMAP_THRESHOLD", None)
+    if args.dplit_mmap_threshold:
+        env["DPLIT_MALLOC_MMAP_THRESHOLD"] = args.dplit_mmap_threshold
     for config in args.configs.split(","):
         cmd = [sys.executable, __file__, "--worker", config, "--steps", str(args.steps), "--every", str(args.every)]
         cmd += ["--no-diagnostics"] if args.no_diagnostics else []

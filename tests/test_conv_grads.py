@@ -9,8 +9,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
-from dplit.privacy.bookkeeping import BookKeeping, check_supported
 from dplit.privacy import conv_grads
+from dplit.privacy.bookkeeping import BookKeeping, check_supported
 from dplit.privacy.conv_grads import conv_per_example, per_example_weight_grads, write_clipped
 
 # (in, out, kernel, stride, padding, dilation, groups, bias, padding_mode)

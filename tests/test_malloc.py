@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 
 from dplit.cli import main
-from dplit.cli.malloc import DEFAULT_THRESHOLD, ENV, threshold_from_env
+from dplit.cli.malloc import ENV, SUGGESTED_THRESHOLD, threshold_from_env
 
 MODULE = Path(__file__).resolve().parents[1] / "dplit" / "cli" / "malloc.py"
 
 
 def test_threshold_from_env():
-    assert threshold_from_env({}) == DEFAULT_THRESHOLD
+    assert threshold_from_env({}) is None  # opt-in
+    assert threshold_from_env({ENV: str(SUGGESTED_THRESHOLD)}) == 1 << 20
     assert threshold_from_env({ENV: "65536"}) == 65536
-    assert threshold_from_env({ENV: " Off "}) is None and threshold_from_env({ENV: "0"}) is None
+    assert threshold_from_env({ENV: " Off "}) is None and threshold_from_env({ENV: ""}) is None
     assert threshold_from_env({ENV: "65536", "MALLOC_MMAP_THRESHOLD_": "131072"}) is None  # glibc's own wins
     for bad in ("64k", "-1", str(64 << 20)):
         with pytest.raises(ValueError, match=rf"{ENV}='{bad}': expected a number of bytes .* or `off`"):

@@ -58,8 +58,8 @@ def error_exit(message: str, traceback_hint: bool = True) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dplit`` console script; returns the exit code (2 for a mistake in the input).
 
-    Run as a command (``argv`` None), it first fixes glibc's mmap threshold (:mod:`dplit.cli.malloc`;
-    ``DPLIT_MALLOC_MMAP_THRESHOLD=off`` keeps the default); a call from Python leaves its process's allocator alone.
+    Run as a command (``argv`` None) with ``DPLIT_MALLOC_MMAP_THRESHOLD`` set, it first fixes glibc's mmap threshold
+    (:mod:`dplit.cli.malloc`); a call from Python leaves its process's allocator alone.
     """
     if argv is None:
         from dplit.cli.malloc import tune_malloc

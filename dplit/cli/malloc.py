@@ -1,16 +1,20 @@
-"""glibc malloc at `dplit` start-up: a fixed mmap threshold, so that freed large tensors go back to the kernel.
+"""glibc malloc at `dplit` start-up, on request: a fixed mmap threshold, so that freed large tensors go back to the
+kernel.
 
 glibc serves a block at or above its mmap threshold with its own mapping (returned to the kernel when freed) and
 smaller ones from the heap. By default the threshold is dynamic: freeing a mapped block raises it to that block's size
 (up to 32 MiB), after which blocks of that size come from the heap and, once freed, stay resident, fragmented. A DP
 run's varying temporaries (ghost clipping's, sized by each Poisson batch) push it up: `configs/mnist_dp.yaml` held
 about 1.9x the resident memory of `mnist_nodp.yaml`, memory that was freed but kept (docs/scale/README.md, section 6).
-A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic one off) keeps RSS at live memory.
-Only the allocator changes: no numerical result does.
+A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic one off) keeps RSS at live memory
+(1 MiB: `mnist_dp.yaml` peak RSS 1189 MB instead of 1486 MB). Only the allocator changes: no numerical result does.
+It is NOT the default: every large tensor then costs a fresh mapping and its page faults, measured at +19-37% time
+for ghost clipping with 64 KiB and inconclusive (-14% to +39%) with 1 MiB on a loaded machine (section 6 of
+docs/scale/README.md), against the < 3% a default would need.
 
-``DPLIT_MALLOC_MMAP_THRESHOLD``: the threshold in bytes (default :data:`DEFAULT_THRESHOLD`), or ``off`` to leave
-malloc alone. glibc's own ``MALLOC_MMAP_THRESHOLD_``, when set, wins (dplit then does nothing). Elsewhere than glibc
-(macOS, musl) this is a no-op.
+``DPLIT_MALLOC_MMAP_THRESHOLD``: the threshold in bytes (e.g. 1048576); unset, empty or ``off``: malloc is left
+alone. glibc's own ``MALLOC_MMAP_THRESHOLD_``, when set, wins (dplit then does nothing). Elsewhere than glibc (macOS,
+musl) this is a no-op.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import platform
 from collections.abc import Mapping
 
 ENV = "DPLIT_MALLOC_MMAP_THRESHOLD"
-DEFAULT_THRESHOLD = 1 << 20
-"""1 MiB: RSS of a `mnist_dp.yaml` run like the non-DP run's, at no measurable time cost (docs/scale, section 6)."""
+SUGGESTED_THRESHOLD = 1 << 20
+"""1 MiB: the value measured on `mnist_dp.yaml` (RSS like the non-DP run's); opt-in, see the module docstring."""
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 MAX_THRESHOLD = 32 << 20  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: mallopt refuses more
 
@@ -35,8 +39,8 @@ def threshold_from_env(environ: Mapping[str, str]) -> int | None:
     """
     if environ.get("MALLOC_MMAP_THRESHOLD_") is not None:  # the user's glibc setting
         return None
-    raw = environ.get(ENV, str(DEFAULT_THRESHOLD)).strip().lower()
-    if raw in ("off", "0", "false", "no", "none"):
+    raw = environ.get(ENV, "").strip().lower()
+    if raw in ("", "off", "0", "false", "no", "none"):
         return None
     try:
         value = int(raw)
@@ -51,7 +55,7 @@ def threshold_from_env(environ: Mapping[str, str]) -> int | None:
 
 
 def tune_malloc(environ: Mapping[str, str] = os.environ) -> int | None:
-    """Fix glibc's mmap threshold as ``DPLIT_MALLOC_MMAP_THRESHOLD`` says; returns the value set (None: unchanged)."""
+    """Fix glibc's mmap threshold if ``DPLIT_MALLOC_MMAP_THRESHOLD`` asks; returns the value set (None: unchanged)."""
     value = threshold_from_env(environ)
     if value is None or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -62,4 +66,4 @@ def tune_malloc(environ: Mapping[str, str] = os.environ) -> int | None:
     return value if libc.mallopt(M_MMAP_THRESHOLD, value) == 1 else None
 
 
-__all__ = ["DEFAULT_THRESHOLD", "ENV", "threshold_from_env", "tune_malloc"]
+__all__ = ["ENV", "SUGGESTED_THRESHOLD", "threshold_from_env", "tune_malloc"]
