@@ -8,9 +8,9 @@ run's varying temporaries (ghost clipping's, sized by each Poisson batch) push i
 about 1.9x the resident memory of `mnist_nodp.yaml`, memory that was freed but kept (docs/scale/README.md, section 6).
 A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic one off) keeps RSS at live memory
 (1 MiB: `mnist_dp.yaml` peak RSS 1189 MB instead of 1486 MB). Only the allocator changes: no numerical result does.
-It is NOT the default: every large tensor then costs a fresh mapping and its page faults, measured at +19-37% time
-for ghost clipping with 64 KiB and inconclusive (-14% to +39%) with 1 MiB on a loaded machine (section 6 of
-docs/scale/README.md), against the < 3% a default would need.
+It is NOT the default: every large tensor then costs a fresh mapping and its page faults, measured on MnistCNN at
++19-37% time with 64 KiB (ghost clipping, 2 threads) and +36-108% with 1 MiB (ghost and book-keeping, 1 thread)
+(section 6 of docs/scale/README.md), against the < 3% a default would need.
 
 ``DPLIT_MALLOC_MMAP_THRESHOLD``: the threshold in bytes (e.g. 1048576); unset, empty or ``off``: malloc is left
 alone. glibc's own ``MALLOC_MMAP_THRESHOLD_``, when set, wins (dplit then does nothing). Elsewhere than glibc (macOS,
