@@ -4,8 +4,10 @@ Runs ``dplit fit --config CONFIG`` in this process (each config in a fresh subpr
 background thread sampling VmRSS every ``--every`` seconds, and reports: RSS after setup (data + model), the peak
 (VmHWM), RSS at the end, and the growth over the last half of the steps (a leak grows linearly with steps; allocator
 caching plateaus). ``--no-diagnostics`` drops the SubgroupMetrics callback's per-group training diagnostics, and
-``--mmap-threshold`` fixes glibc's mmap threshold (freed large tensors go back to the kernel) to separate live
-memory from what malloc keeps cached.
+``--mmap-threshold`` fixes glibc's mmap threshold at 64 KiB (freed large tensors go back to the kernel) to separate
+live memory from what malloc keeps cached. Each worker first does what the ``dplit`` command does at start-up
+(``dplit.cli.malloc.tune_malloc``): nothing by default; with ``--dplit-mmap-threshold BYTES`` (which sets
+``DPLIT_MALLOC_MMAP_THRESHOLD``), a fixed mmap threshold set through ``mallopt``.
 
     .venv/bin/python scripts/bench_rss.py --configs mnist_dp,mnist_nodp --steps 40
 """
@@ -39,7 +41,9 @@ def worker(config: str, steps: int, every: float, diagnostics: bool) -> None:
     import torch
 
     from dplit.cli import DplitCLI
+    from dplit.cli.malloc import tune_malloc
 
+    threshold = tune_malloc()  # as the `dplit` command does at start-up
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     samples: list[tuple[float, float]] = []
     done = threading.Event()
@@ -84,6 +88,7 @@ def worker(config: str, steps: int, every: float, diagnostics: bool) -> None:
                 "rss_max_sampled_mb": round(max(rss), 1) if rss else None,
                 "growth_last_half_mb": round(half[-1] - half[0], 1) if len(half) > 1 else None,
                 "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                "dplit_mmap_threshold": threshold,
                 "wall_s": round(time.perf_counter() - t0, 1),
             }
         ),
@@ -98,6 +103,7 @@ def main() -> None:
     p.add_argument("--every", type=float, default=0.25, help="RSS sampling period (s)")
     p.add_argument("--no-diagnostics", action="store_true", help="without the config's callbacks (DP kept)")
     p.add_argument("--mmap-threshold", action="store_true", help="MALLOC_MMAP_THRESHOLD_=65536 (live memory)")
+    p.add_argument("--dplit-mmap-threshold", default=None, help="DPLIT_MALLOC_MMAP_THRESHOLD (bytes) for the runs")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker is not None:
@@ -106,6 +112,9 @@ def main() -> None:
     env = dict(os.environ, WANDB_MODE="disabled")
     if args.mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env.pop("DPLIT_MALLOC_MMAP_THRESHOLD", None)
+    if args.dplit_mmap_threshold:
+        env["DPLIT_MALLOC_MMAP_THRESHOLD"] = args.dplit_mmap_threshold
     for config in args.configs.split(","):
         cmd = [sys.executable, __file__, "--worker", config, "--steps", str(args.steps), "--every", str(args.every)]
         cmd += ["--no-diagnostics"] if args.no_diagnostics else []

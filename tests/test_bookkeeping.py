@@ -99,11 +99,11 @@ class _Adapter(nn.Linear):
             r"0 \(_Adapter: subclass of Linear.*trainable 0\.weight, 0\.bias, 0\.lora\)",
         ),
         (lambda: nn.Sequential(nn.Linear(4, 6), nn.GroupNorm(2, 6)), r"1 \(GroupNorm: no book-keeping rule; trainable"),
-        (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), r"0 \(Conv2d: groups != 1; trainable 0\.weight"),
+        (lambda: nn.Sequential(nn.Conv3d(4, 4, 3)), r"0 \(Conv3d: no book-keeping rule; trainable 0\.weight"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, sparse=True)), r"Embedding: sparse / scale_grad_by_freq"),
         (lambda: nn.MultiheadAttention(4, 2), r"<root> \(MultiheadAttention: .*DPMultiheadAttention"),
     ],
-    ids=["linear-subclass", "groupnorm", "grouped-conv", "sparse-embedding", "multihead-attention"],
+    ids=["linear-subclass", "groupnorm", "conv3d", "sparse-embedding", "multihead-attention"],
 )
 def test_check_supported_names_each_uncovered_parameter(build, pattern):
     with pytest.raises(UncoveredParameterError, match=pattern) as err:

@@ -56,7 +56,18 @@ def error_exit(message: str, traceback_hint: bool = True) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``dplit`` console script; returns the exit code (2 for a mistake in the input)."""
+    """Entry point of the ``dplit`` console script; returns the exit code (2 for a mistake in the input).
+
+    Run as a command (``argv`` None) with ``DPLIT_MALLOC_MMAP_THRESHOLD`` set, it first fixes glibc's mmap threshold
+    (:mod:`dplit.cli.malloc`); a call from Python leaves its process's allocator alone.
+    """
+    if argv is None:
+        from dplit.cli.malloc import tune_malloc
+
+        try:
+            tune_malloc()
+        except ValueError as err:
+            return error_exit(str(err), traceback_hint=False)
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in COMMANDS:
         return _load(COMMANDS[args[0]][0])(args[1:])

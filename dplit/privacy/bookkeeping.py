@@ -2,15 +2,15 @@
 
 One ordinary backward pass: forward/backward hooks keep each layer's input activations ``a`` and output gradients
 ``g``; once backward is done, per-example gradient norms are formed per layer (ghost norms for Linear layers,
-per-example gradients for Conv2d through unfold), the clip factors ``c_i = min(1, C / ||grad_i||)`` computed from
-the whole-model norm, and each layer's clipped sum ``sum_i c_i grad_i`` written into ``p.grad`` directly (a
-weighted ``g^T a`` product), without the second backward pass of ghost clipping. The DP optimizer then adds the
-noise once (Opacus' ``DPOptimizerFastGradientClipping``, which reads ``p.grad`` as the clipped sum).
+per-example gradients for Conv2d by :mod:`dplit.privacy.conv_grads`), the clip factors ``c_i = min(1, C / ||grad_i||)``
+computed from the whole-model norm, and each layer's clipped sum ``sum_i c_i grad_i`` written into ``p.grad``
+directly (a weighted ``g^T a`` product), without the second backward pass of ghost clipping. The DP optimizer then
+adds the noise once (Opacus' ``DPOptimizerFastGradientClipping``, which reads ``p.grad`` as the clipped sum).
 
 Coverage is per trainable parameter (invariant 6): a rule covers the direct parameters of a layer of one EXACT type,
 each trainable one clipped whatever the others' ``requires_grad`` (a bias under a frozen weight; BitFit).
-``nn.Linear`` (weight, bias; any leading dims), ``nn.Conv2d`` (weight, bias; groups=1, any padding and
-``padding_mode``: the input is padded as the layer's forward pads it, then unfolded), ``nn.Embedding`` (sparse
+``nn.Linear`` (weight, bias; any leading dims), ``nn.Conv2d`` (weight, bias; any stride, dilation, groups, padding
+and ``padding_mode``: the input is padded as the layer's forward pads it), ``nn.Embedding`` (sparse
 per-example norms over each example's distinct tokens; the clipped sum is an ``index_add``), and
 :class:`dplit.models.lstm.LSTMScan` (from the gate gradients its backward keeps: ghost norms over timesteps per
 direction, one batched product for the clipped sum); GPT-2 ``Conv1D``, ``LlamaRMSNorm`` and ``nn.LayerNorm`` by
@@ -31,9 +31,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.functional import pad, unfold
 
 from dplit.models.lstm import LSTMScan
+from dplit.privacy.bookkeeping_rules import per_example, sq_norm, write_clipped
+from dplit.privacy.conv_grads import ConvPerExample
 from dplit.privacy.coverage import UncoveredParameterError
 from dplit.privacy.lstm_rules import GateCapture
 from dplit.privacy.precision import widen
@@ -59,8 +60,6 @@ def _unsupported_reason(m: nn.Module) -> str | None:
     extra = [name for name, _ in m.named_parameters(recurse=False) if name not in rule]
     if extra:
         return f"parameters outside the {type(m).__name__} rule: {', '.join(extra)}"
-    if isinstance(m, nn.Conv2d) and m.groups != 1:
-        return "groups != 1"
     if isinstance(m, nn.Embedding) and (m.sparse or m.scale_grad_by_freq or m.max_norm is not None):
         return "sparse / scale_grad_by_freq / max_norm"
     return None
@@ -99,7 +98,7 @@ def check_supported(module: nn.Module) -> None:
     bad = uncovered_parameters(module)
     if bad:
         raise UncoveredParameterError(
-            "`grad_sample_mode: bookkeeping` clips the parameters of exact Linear, Conv2d (groups=1), Embedding "
+            "`grad_sample_mode: bookkeeping` clips the parameters of exact Linear, Conv2d, Embedding "
             "(dense, no max_norm), dplit LSTM, GPT-2 Conv1D, LlamaRMSNorm and LayerNorm layers only; "
             f"unsupported: {', '.join(bad)}. {_ALTERNATIVE}"
         )
@@ -129,10 +128,11 @@ class BookKeeping:
         self._calls: dict[nn.Module, int] = {}  # training forwards per layer since the last clip_into_grad
         self._handles = []
         self._gates = GateCapture(module, own_weight_grad=True)  # LSTM layers: gate gradients, weight.grad by us
-        self._hidden: set[nn.Module] = set()  # layers whose weight is frozen for the current forward (see below)
+        self._hidden: dict[nn.Module, list[torch.Tensor]] = {}  # parameters hidden from autograd in this forward
+        self._anchors: dict[torch.device, torch.Tensor] = {}  # put a first layer's output in the graph (_OutputTap)
         for m in self.layers:
             if isinstance(m, nn.Linear | nn.Conv2d):
-                self._handles.append(m.register_forward_pre_hook(self._hide_weight))
+                self._handles.append(m.register_forward_pre_hook(self._hide_params))
             self._handles.append(m.register_forward_hook(self._forward_hook))
             if not isinstance(m, LSTMScan):
                 self._handles.append(m.register_full_backward_hook(self._backward_hook))
@@ -143,34 +143,42 @@ class BookKeeping:
         """The parameters whose ``grad`` ``clip_into_grad`` writes (every trainable parameter of the model)."""
         return {p for m in self.layers for _, p in _trainable(m)}
 
-    def _hide_weight(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        """Linear/Conv2d: run the training forward with ``weight.requires_grad`` off, so that autograd does not form
-        the summed weight gradient ``g^T a`` that ``clip_into_grad`` replaces anyway (the backward then computes only
-        the input and bias gradients; the output gradient ``g`` is still captured). Kept when the output would not
-        require grad otherwise (a first layer without a trainable bias): its backward hook needs a gradient to see.
-        The flag is restored by the forward hook, and by ``clip_into_grad``/``remove_hooks`` if a forward failed."""
-        weight = module.weight
-        if not (module.training and torch.is_grad_enabled() and isinstance(weight, torch.Tensor)):
+    def _hide_params(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """Run the training forward of a Linear (its weight) or Conv2d (weight and bias) with ``requires_grad`` off,
+        so that autograd does not form the summed gradients ``clip_into_grad`` replaces anyway (the backward then
+        computes only the input gradient, and a Linear's bias gradient; the output gradient ``g`` is still
+        captured). On CPU a convolution's bias-only backward costs as much as its weight gradient, hence the bias.
+        If the output then needs no gradient (a first layer: its input does not require grad), it is passed through
+        ``_OutputTap``, so that the backward still reaches the layer's backward hook. The flags are restored by
+        the forward hook, and by ``clip_into_grad``/``remove_hooks`` if a forward failed."""
+        if not (module.training and torch.is_grad_enabled()):
             return
-        bias = getattr(module, "bias", None)
-        through_input = isinstance(inputs[0], torch.Tensor) and inputs[0].requires_grad
-        if weight.requires_grad and (through_input or (isinstance(bias, torch.Tensor) and bias.requires_grad)):
-            weight.requires_grad_(False)
-            self._hidden.add(module)
+        names = ("weight", "bias") if isinstance(module, nn.Conv2d) else ("weight",)
+        hidden = [p for k in names if isinstance(p := getattr(module, k, None), torch.Tensor) and p.requires_grad]
+        for p in hidden:
+            p.requires_grad_(False)
+        if hidden:
+            self._hidden[module] = hidden
 
     def _restore_weights(self) -> None:
-        for m in self._hidden:
-            m.weight.requires_grad_(True)
+        for params in self._hidden.values():
+            for p in params:
+                p.requires_grad_(True)
         self._hidden.clear()
 
-    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        if module in self._hidden:
-            module.weight.requires_grad_(True)
-            self._hidden.discard(module)
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        hidden = self._hidden.pop(module, None)
+        for p in hidden or ():
+            p.requires_grad_(True)
+        tapped = None
+        if hidden and isinstance(output, torch.Tensor) and not output.requires_grad:
+            anchor = self._anchors.setdefault(output.device, output.new_zeros((), requires_grad=True))
+            tapped = _OutputTap.apply(output, anchor)  # nothing before it needs grad: g is still captured
         if module.training and torch.is_grad_enabled():
             self._calls[module] = self._calls.get(module, 0) + 1
             if not isinstance(module, LSTMScan):  # LSTMScan keeps its own (see _capture)
                 self._store.setdefault(module, {"a": [], "g": []})["a"].append(inputs[0].detach())
+        return tapped
 
     def _backward_hook(self, module: nn.Module, grad_input: Any, grad_output: tuple[torch.Tensor, ...]) -> None:
         if module in self._store:
@@ -245,15 +253,15 @@ class BookKeeping:
             self.last_norms = torch.zeros(0, device=device)
             self.batches_clipped += 1
             return
-        per_layer: list[tuple[Any, dict[str, torch.Tensor], torch.Tensor | None]] = []
+        per_layer: list[tuple[Any, dict[str, torch.Tensor], ConvPerExample | None]] = []
         sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
         for m, e in entries:
             assert e is not None
             # the loss is a mean over the n examples: each example's own gradient is n * (its share); every rule
             # is linear in g, so the factor goes on the squared norms (n^2) and the clip factors (n), not on g
-            grads = self._per_example(m, e)  # conv weight: [n, out, in*k*k]; otherwise None
-            sq_norms += self._sq_norm(m, e, grads).double() * (n * n)
-            per_layer.append((m, e, grads))
+            per = per_example(m, e)  # Conv2d: per-example norms and gradients (may drop e's captures); else None
+            sq_norms += sq_norm(m, e, per).double() * (n * n)
+            per_layer.append((m, e, per))
         captured = dict(entries)
         for emb, head in self._tied:  # |G_emb + G_head|^2 = |G_emb|^2 + |G_head|^2 + 2 <G_emb, G_head>
             sq_norms += tied_cross_sq(emb, captured[emb], captured[head]).double() * (n * n)  # type: ignore[arg-type]
@@ -267,83 +275,26 @@ class BookKeeping:
         shared: list[torch.Tensor] = [emb.weight for emb, _ in self._tied]
         for w in shared:
             w.grad = None
-        for m, e, grads in per_layer:
+        for m, e, per in per_layer:
             before = [(w, w.grad) for w in shared if w.grad is not None and any(q is w for q in m.parameters(False))]
-            self._write_clipped(m, e, grads, coef)
+            write_clipped(m, e, per, coef)
             for w, g in before:  # a tied weight's clipped sum: both uses' contributions
                 w.grad = w.grad + g  # type: ignore[operator]
         self.batches_clipped += 1
 
-    @staticmethod
-    def _per_example(m: nn.Module, e: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        if not isinstance(m, nn.Conv2d) or not m.weight.requires_grad:
-            return None
-        a = e["a"]
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):  # pad as the layer's forward does
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            a = pad(a, m._reversed_padding_repeated_twice, mode=mode)
-        padding = (0, 0) if isinstance(m.padding, str) or m.padding_mode != "zeros" else m.padding
-        cols = unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)  # [n, i*k*k, L]
-        g = e["g"].flatten(2)  # [n, out, L]
-        return torch.bmm(g, cols.transpose(1, 2))  # [n, out, in*k*k]: each example's weight gradient
+
+class _OutputTap(torch.autograd.Function):
+    """Identity on a layer output that would need no gradient, put in the graph by a 0-dim ``anchor`` that requires
+    grad: the backward reaches the layer's backward hook (which captures ``g``) and stops here, giving no gradient
+    to anything. (Making the output itself a leaf that requires grad would keep it alive until the backward.)"""
 
     @staticmethod
-    def _sq_norm(m: nn.Module, e: dict[str, torch.Tensor], grads: torch.Tensor | None) -> torch.Tensor:
-        if rule := bookkeeping_rule(m):
-            return rule.sq_norm(m, e["a"], e["g"])
-        if isinstance(m, nn.Embedding):
-            return _embedding_sq_norm(m, e["a"], e["g"])
-        if isinstance(m, LSTMScan):
-            a4, g4 = e["a"], e["g"]  # [D, B, T, H], [D, B, T, 4H]
-            d, nb, t_len = a4.shape[:3]
-            a3, g3 = a4.reshape(d * nb, t_len, -1), g4.reshape(d * nb, t_len, -1)  # views
-            return _seq_sq_norm(a3, g3).view(d, nb).sum(0)
-        a, g = e["a"], e["g"]
-        n = len(a)
-        train_bias = m.bias is not None and m.bias.requires_grad
-        if isinstance(m, nn.Conv2d):
-            sq = grads.flatten(1).pow(2).sum(1) if grads is not None else g.new_zeros(n)
-            return sq + g.flatten(2).sum(2).pow(2).sum(1) if train_bias else sq
-        g3 = g.reshape(n, -1, g.shape[-1])  # [n, T, out]
-        sq = _seq_sq_norm(a.reshape(n, -1, a.shape[-1]), g3) if m.weight.requires_grad else g.new_zeros(n)
-        return sq + g3.sum(1).pow(2).sum(1) if train_bias else sq
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
 
     @staticmethod
-    def _write_clipped(
-        m: nn.Module, e: dict[str, torch.Tensor], grads: torch.Tensor | None, coef: torch.Tensor
-    ) -> None:
-        if rule := bookkeeping_rule(m):
-            return rule.write(m, e["a"], e["g"], coef)
-        if isinstance(m, nn.Embedding):
-            ids, g = e["a"], e["g"]
-            rows = (g * coef[:, None, None]).reshape(-1, g.shape[-1])
-            if m.padding_idx is not None:
-                rows = rows * (ids.reshape(-1, 1) != m.padding_idx)
-            m.weight.grad = torch.zeros_like(m.weight).index_add_(0, ids.reshape(-1), rows.to(m.weight.dtype))
-            return
-        if isinstance(m, LSTMScan):
-            a4, g4 = e["a"], e["g"]  # [D, B, T, H], [D, B, T, 4H]
-            d, nb, t_len, h = a4.shape
-            ac = a4 * coef[None, :, None, None]  # scale the (4x smaller) hidden states, not the gate gradients
-            m.weight.grad = torch.bmm(g4.reshape(d, nb * t_len, -1).transpose(1, 2), ac.reshape(d, nb * t_len, h)).to(
-                m.weight.dtype
-            )
-            return
-        a, g = e["a"], e["g"]
-        n = len(a)
-        weight, bias = m.weight, m.bias
-        assert isinstance(weight, torch.Tensor)
-        if isinstance(m, nn.Conv2d):  # weighted sums of the per-example gradients
-            if grads is not None:
-                weight.grad = torch.einsum("n,noi->oi", coef, grads).reshape_as(weight).to(weight.dtype)
-            b = torch.einsum("n,no->o", coef, g.flatten(2).sum(2)) if bias is not None else None
-        else:
-            gc = (g.reshape(n, -1, g.shape[-1]) * coef[:, None, None]).flatten(0, 1)  # [n*T, out]
-            if weight.requires_grad:
-                weight.grad = (gc.T @ a.reshape(-1, a.shape[-1])).to(weight.dtype)  # [out, in]
-            b = gc.sum(0) if bias is not None else None
-        if b is not None and isinstance(bias, torch.Tensor) and bias.requires_grad:
-            bias.grad = b.to(bias.dtype)
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
+        return None, None
 
 
 def _batch_size(m: nn.Module, e: dict[str, torch.Tensor] | None) -> int:
@@ -365,31 +316,6 @@ def _unit_entry(m: nn.Module, e: dict[str, torch.Tensor] | None, k: int, name: s
             "before clipping; use `grad_sample_mode: hooks` (or functorch) for multi-row units with convolutions."
         )
     return to_units(m, e, k, lstm=isinstance(m, LSTMScan))
-
-
-def _seq_sq_norm(a3: torch.Tensor, g3: torch.Tensor) -> torch.Tensor:
-    """Squared norms ``[n]`` of ``sum_t g_t a_t^T`` for ``a3`` [n, T, in], ``g3`` [n, T, out]."""
-    t_len = a3.shape[1]
-    if t_len == 1:  # ||g a^T||^2 = ||g||^2 ||a||^2
-        return g3[:, 0].pow(2).sum(1) * a3[:, 0].pow(2).sum(1)
-    if t_len * t_len <= a3.shape[2] * g3.shape[2]:  # ghost norm: sum_{t,s} (a_t . a_s)(g_t . g_s)
-        return (torch.bmm(a3, a3.transpose(1, 2)) * torch.bmm(g3, g3.transpose(1, 2))).sum((1, 2))
-    return torch.bmm(g3.transpose(1, 2), a3).flatten(1).pow(2).sum(1)  # the per-example gradients themselves
-
-
-def _embedding_sq_norm(m: nn.Embedding, ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Squared per-example gradient norms of an embedding: rows summed per (example, token), without [n, V, D]."""
-    n = ids.shape[0]
-    ids2 = ids.reshape(n, -1)
-    g2 = g.reshape(n, ids2.shape[1], -1)
-    if m.padding_idx is not None:
-        g2 = g2 * (ids2 != m.padding_idx)[..., None]
-    example = torch.arange(n, device=ids.device)[:, None].expand_as(ids2)
-    keys = (example * m.num_embeddings + ids2).reshape(-1)
-    uniq, inverse = torch.unique(keys, return_inverse=True)
-    sums = torch.zeros(len(uniq), g2.shape[-1], dtype=g2.dtype, device=g2.device)
-    sums.index_add_(0, inverse, g2.reshape(-1, g2.shape[-1]))
-    return torch.zeros(n, dtype=g2.dtype, device=g2.device).index_add_(0, uniq // m.num_embeddings, sums.pow(2).sum(1))
 
 
 __all__ = ["RULES", "BookKeeping", "check_supported", "uncovered_parameters"]

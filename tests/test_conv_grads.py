@@ -1,0 +1,141 @@
+"""Per-example Conv2d gradients (dplit.privacy.conv_grads) against per-example autograd (torch.func vmap/grad), and
+book-keeping's conv path: parameters hidden from autograd, grouped convolutions, a first layer without bias."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+from dplit.privacy import conv_grads
+from dplit.privacy.bookkeeping import BookKeeping, check_supported
+from dplit.privacy.conv_grads import conv_per_example, per_example_weight_grads, write_clipped
+
+# (in, out, kernel, stride, padding, dilation, groups, bias, padding_mode)
+LAYERS = {
+    "plain": (2, 3, 3, 1, 0, 1, 1, True, "zeros"),
+    "stride2-pad1": (2, 4, (3, 2), 2, 1, 1, 1, True, "zeros"),
+    "asym-stride-pad": (3, 2, (2, 3), (2, 1), (2, 1), 1, 1, False, "zeros"),
+    "dilation2": (2, 3, 3, 1, 2, 2, 1, True, "zeros"),
+    "dilation-stride": (2, 3, (2, 3), (1, 2), 1, (2, 1), 1, True, "zeros"),
+    "same": (2, 3, (3, 2), 1, "same", 2, 1, True, "zeros"),
+    "valid": (2, 3, 3, 1, "valid", 1, 1, False, "zeros"),
+    "groups2": (4, 6, 3, 1, 1, 1, 2, True, "zeros"),
+    "depthwise-stride": (3, 6, 3, 2, 1, 1, 3, True, "zeros"),
+    "reflect": (2, 3, 3, 1, 1, 1, 1, True, "reflect"),
+    "replicate-groups": (4, 2, (3, 2), 1, (2, 1), 1, 2, True, "replicate"),
+    "circular-stride-dil": (2, 3, 3, 2, 2, 2, 1, False, "circular"),
+}
+
+
+def _layer(spec: tuple) -> nn.Conv2d:
+    cin, cout, k, s, p, d, g, bias, mode = spec
+    return nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, bias=bias, padding_mode=mode).double()
+
+
+def _reference(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example parameter gradients of <m(a_i), g_i> (whose gradient in the output is g_i), by vmap(grad)."""
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    def inner(p: dict[str, torch.Tensor], x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+        return (functional_call(m, p, (x[None],))[0] * gy).sum()
+
+    return vmap(grad(inner), in_dims=(None, 0, 0))(params, a, g)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_per_example_conv_gradients_match_vmap_autograd(name):
+    torch.manual_seed(0)
+    m = _layer(LAYERS[name])
+    a = torch.randn(5, m.in_channels, 7, 6, dtype=torch.double)
+    g = torch.randn_like(m(a))
+    ref = _reference(m, a, g)
+    for method in ("patches", "grouped"):
+        w = per_example_weight_grads(m, a, g, method=method)
+        torch.testing.assert_close(w, ref["weight"].flatten(2), msg=f"{method}")
+    expected_sq = sum(v.flatten(1).pow(2).sum(1) for v in ref.values())
+    coef = torch.rand(5, dtype=torch.double)
+    for keep in (True, False):  # the clipped sum from kept per-example gradients, or recomputed from a and g
+        per = conv_per_example(m, a, g, keep=keep)
+        assert (per.weight is not None, per.recompute) == (keep, not keep)
+        torch.testing.assert_close(per.weight, ref["weight"].flatten(2) if keep else None)
+        torch.testing.assert_close(per.bias, ref.get("bias"))
+        torch.testing.assert_close(per.sq, expected_sq)
+        m.zero_grad(set_to_none=True)
+        write_clipped(m, per, None if keep else a, None if keep else g, coef)
+        for k, p in m.named_parameters():
+            torch.testing.assert_close(p.grad, torch.einsum("n,n...->...", coef, ref[k]))
+
+
+def test_chunks_of_examples_give_the_same_norms(monkeypatch):
+    torch.manual_seed(1)
+    m = _layer(LAYERS["dilation-stride"])
+    a = torch.randn(9, m.in_channels, 7, 6, dtype=torch.double)
+    g = torch.randn_like(m(a))
+    whole = conv_per_example(m, a, g, keep=True)
+    monkeypatch.setattr(conv_grads, "CHUNK_BYTES", 1)  # one example a chunk
+    chunked = conv_per_example(m, a, g, keep=True)
+    torch.testing.assert_close(chunked.sq, whole.sq)
+    torch.testing.assert_close(chunked.weight, whole.weight)
+
+
+def test_a_frozen_weight_leaves_only_the_bias_and_an_unknown_method_is_refused():
+    m = _layer(LAYERS["plain"]).requires_grad_(False)
+    m.bias.requires_grad_(True)
+    a = torch.randn(3, 2, 5, 5, dtype=torch.double)
+    g = torch.randn_like(m(a))
+    per = conv_per_example(m, a, g)
+    assert per.weight is None and not per.recompute and per.bias is not None
+    with pytest.raises(ValueError, match="method must be"):
+        per_example_weight_grads(m, a, g, method="im2col")
+
+
+def _per_example_clipped_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(functional_call(net, p, (xi[None],)), yi[None])
+
+    per = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    flat = torch.cat([v.flatten(1) for v in per.values()], 1)  # [n, P]
+    return (flat * (c / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)[:, None]).sum(0)
+
+
+@pytest.mark.parametrize("first_bias", [True, False], ids=["bias", "no-bias"])
+def test_bookkeeping_grouped_convs_and_a_first_layer_hidden_from_autograd_are_exact(first_bias):
+    """Every conv parameter is hidden from autograd during the forward (no summed gradient formed; the first
+    layer's output made a leaf that requires grad so its output gradient is still captured): the clipped sum equals
+    per-example autograd's, grouped and depthwise convolutions included, kept per-example gradients (the first
+    layers) and the clipped sum recomputed from the captures (the last conv) alike."""
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=first_bias),
+        nn.Tanh(),
+        nn.Conv2d(4, 6, 3, stride=2, groups=2, padding_mode="reflect", padding=1),
+        nn.Tanh(),
+        nn.Conv2d(6, 6, 2, groups=6, dilation=2),
+        nn.Tanh(),
+        nn.Conv2d(6, 8, 2),  # [6, 2, 2] -> [8, 1, 1]: per-example gradients larger than a and g, recomputed
+        nn.Flatten(),
+        nn.LazyLinear(2),
+    ).double()
+    x = torch.randn(6, 2, 8, 8, dtype=torch.double)
+    net(x)  # materialise the lazy head
+    y = torch.randn(6, 2, dtype=torch.double) * torch.logspace(-2, 2, 6, dtype=torch.double)[:, None]
+    check_supported(net)  # grouped convolutions are covered
+    c = 0.05
+    expected = _per_example_clipped_sum(net, x, y, c)
+    bk = BookKeeping(net, max_grad_norm=c)
+    try:
+        F.mse_loss(net(x), y).backward()
+        convs = [m for m in net if isinstance(m, nn.Conv2d)]
+        assert all(p.grad is None for m in convs for p in m.parameters())  # autograd formed no conv gradient
+        assert all(p.requires_grad for p in net.parameters())  # the flags are restored after each forward
+        bk.clip_into_grad()
+    finally:
+        bk.remove_hooks()
+    got = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    torch.testing.assert_close(got, expected)
+    assert (bk.last_norms > c).sum() >= 3  # most examples clipped: the factors matter
