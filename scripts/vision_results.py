@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ema-only", action="store_true", help="DP cells with EMA only (to save time)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the non-DP cells")
     parser.add_argument("--ema", choices=["both", "yes", "no"], default="both", help="DP cells with/without EMA")
     parser.add_argument("--black", type=int, default=500, help="UTKFace: Black training faces kept (the paper: 500)")
     parser.add_argument("--table-only", action="store_true")
@@ -203,7 +204,7 @@ def main() -> None:
             print(f"features cached in {time.time() - start:.0f} s", flush=True)
         dm.setup("fit")
         done = {(r["layers"], r["target_eps"], r["ema"]) for r in rows}
-        cells = [(la, None, False) for la in args.layers]
+        cells = [] if args.no_baseline else [(la, None, False) for la in args.layers]
         emas = {"both": (False, True), "yes": (True,), "no": (False,)}["yes" if args.ema_only else args.ema]
         cells += [(la, e, ema) for la in args.layers for e in args.epsilons for ema in emas]
         for layers, eps, ema in cells:

@@ -116,6 +116,29 @@ def race_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cost_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per DP row, the privacy cost per race (non-DP twin - DP, same model, percentage points) of
+    accuracy and of AUC, and the change of the race gaps (DP gap - non-DP gap)."""
+    head = ["model", "privacy", "K", *(f"acc cost {r}" for r in RACES), "acc-gap change",
+            *(f"AUC cost {r}" for r in RACES), "AUC-gap change"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    twins = {r["model"]: r for r in rows if r["target_eps"] is None}
+    for r in rows:
+        base = twins.get(r["model"])
+        if r["target_eps"] is None or base is None:
+            continue
+
+        def diff(key: str, sign: int = 1) -> str:
+            a, b = base.get(f"test/{key}"), r.get(f"test/{key}")
+            return "n/a" if a is None or b is None else f"{100 * sign * (a - b):+.1f}"
+
+        cells = [r["model"], f"eps {r['epsilon']:.2f}", str(r.get("views", 1))]
+        cells += [diff(f"acc/group={race}") for race in RACES] + [diff("acc_gap/race", -1)]
+        cells += [diff(f"auc/group={race}") for race in RACES] + [diff("auc_gap/race", -1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def read(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -160,10 +183,12 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: row[k] for k in ("target_eps", "views", "epsilon", "test/acc", "seconds")}),
                   flush=True)  # fmt: skip
-    pretrained = [{**r, "model": f"EfficientNet-Lite0 {r['layers']} (pretrained)", "epochs": r["scale"].split(", ")[1]}
+    pretrained = [{**r, "model": f"EfficientNet-Lite0 {r['layers']} (pretrained)",
+                   "epochs": int(r["scale"].split(", ")[1].split()[0])}
                   for r in read(args.out / "utkface" / "results.jsonl")]  # fmt: skip
-    (args.out / "faces.md").write_text(race_table(pretrained + rows) + "\n")
-    print(race_table(pretrained + rows))
+    text = race_table(pretrained + rows) + "\n\n" + cost_table(pretrained + rows) + "\n"
+    (args.out / "faces.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
