@@ -49,6 +49,7 @@ def test_report_shows_group_auc_and_gap(tmp_path):
     out = tmp_path / "out"
     assert main([str(dp), "--baseline", str(base), "--out", str(out), "--no-wandb"]) == 0
     md = (out / "report.md").read_text()
+    assert "Per-group ROC AUC (val/auc/group=..., binary and multi-label tasks) in %" in md
     assert "| group | count | non-DP acc (%) | DP acc (%) | privacy cost (pp) | non-DP AUC (%) | DP AUC (%) |" in md
     for group in ("majority", "minority"):
         cells = _row(md, group)

@@ -161,6 +161,9 @@ def render(
         "epoch). Accuracies in %, privacy cost = non-DP accuracy - DP accuracy in percentage points (pp).",
         "",
     ]
+    if any(s.auc_gap_dp is not None or s.auc_gap_nondp is not None for s in summaries):
+        lines += [f"Per-group ROC AUC ({split}/auc/group=..., binary and multi-label tasks) in %, AUC gap = max "
+                        "- min per-group AUC of a run in pp.", ""]  # fmt: skip
     if not baseline:
         lines += [
             "> **No baseline**: the privacy cost per group needs the non-DP twin of these runs. " + twin_hint(dp),
