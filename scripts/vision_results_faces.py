@@ -100,13 +100,13 @@ def fmt(value: float | None) -> str:
 
 def race_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one row per cell; overall acc, per-race acc and AUC, worst race, acc gap, AUC gap (percent)."""
-    head = ["model", "privacy", "K", "test acc", *(f"acc {r}" for r in RACES), "worst-race acc", "acc gap",
+    head = ["model", "seed", "privacy", "K", "test acc", *(f"acc {r}" for r in RACES), "worst-race acc", "acc gap",
             *(f"AUC {r}" for r in RACES), "AUC gap", "epochs", "time (s)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         privacy = "non-DP" if r["target_eps"] is None else f"eps {r['epsilon']:.2f}"
         m = {k.removeprefix("test/"): v for k, v in r.items() if k.startswith("test/")}
-        cells = [r["model"], privacy, str(r.get("views", 1)), fmt(m.get("acc"))]
+        cells = [r["model"], str(r.get("seed", 0)), privacy, str(r.get("views", 1)), fmt(m.get("acc"))]
         cells += [fmt(m.get(f"acc/group={race}")) for race in RACES]
         cells += [fmt(m.get("worst_group_acc/race", m.get("worst_group_acc"))), fmt(m.get("acc_gap/race",
                   m.get("acc_gap")))]  # fmt: skip
@@ -119,12 +119,12 @@ def race_table(rows: list[dict[str, Any]]) -> str:
 def cost_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: per DP row, the privacy cost per race (non-DP twin - DP, same model, percentage points) of
     accuracy and of AUC, and the change of the race gaps (DP gap - non-DP gap)."""
-    head = ["model", "privacy", "K", *(f"acc cost {r}" for r in RACES), "acc-gap change",
+    head = ["model", "seed", "privacy", "K", *(f"acc cost {r}" for r in RACES), "acc-gap change",
             *(f"AUC cost {r}" for r in RACES), "AUC-gap change"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    twins = {r["model"]: r for r in rows if r["target_eps"] is None}
+    twins = {(r["model"], r.get("seed", 0)): r for r in rows if r["target_eps"] is None}
     for r in rows:
-        base = twins.get(r["model"])
+        base = twins.get((r["model"], r.get("seed", 0)))
         if r["target_eps"] is None or base is None:
             continue
 
@@ -132,7 +132,7 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
             a, b = base.get(f"test/{key}"), r.get(f"test/{key}")
             return "n/a" if a is None or b is None else f"{100 * sign * (a - b):+.1f}"
 
-        cells = [r["model"], f"eps {r['epsilon']:.2f}", str(r.get("views", 1))]
+        cells = [r["model"], str(r.get("seed", 0)), f"eps {r['epsilon']:.2f}", str(r.get("views", 1))]
         cells += [diff(f"acc/group={race}") for race in RACES] + [diff("acc_gap/race", -1)]
         cells += [diff(f"auc/group={race}") for race in RACES] + [diff("auc_gap/race", -1)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -168,13 +168,13 @@ def main() -> None:
     if not args.table:
         cells = [] if args.no_baseline else [(None, 1)]
         cells += [(e, 1) for e in args.epsilons] + [(e, args.augmult) for e in args.epsilons if args.augmult > 1]
-        done = {(r["target_eps"], r["views"], r["epochs"], r["crop"], r["model"]) for r in rows}
+        done = {(r["target_eps"], r["views"], r["epochs"], r["crop"], r["model"], r.get("seed", 0)) for r in rows}
         model = f"SmallGNCNN {'-'.join(map(str, args.widths))} (scratch)"
         for eps, views in cells:
-            if (eps, views, args.epochs, args.crop, model) in done:
+            if (eps, views, args.epochs, args.crop, model, args.seed) in done:
                 continue
             result = run_cell(eps, views, args, out)
-            row = {"model": model, "target_eps": eps, "views": views, "epochs": args.epochs,
+            row = {"model": model, "target_eps": eps, "views": views, "epochs": args.epochs, "seed": args.seed,
                    "crop": args.crop, "scale": f"UTKFace gender, all training faces with Black cut to {args.black}, "
                    f"{args.crop}px crops of {args.resize}px, {args.epochs} epochs, batch {args.batch_size}, Adam lr "
                    f"{args.lr}, seed {args.seed}, 2 shared CPU cores", **result}  # fmt: skip
