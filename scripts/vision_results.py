@@ -117,8 +117,8 @@ def datamodule(part: str, args: argparse.Namespace) -> tuple[GroupedDataModule, 
     from dplit.data.utkface import UTKFaceDataModule
 
     dm = UTKFaceDataModule(root=str(SHARED / "utkface"), task="gender", resize=args.resolution, crop=args.resolution,
-                           augment=False, normalization="inception", limit_train=args.train_size,
-                           limit_eval=args.eval_size)  # fmt: skip
+                           augment=False, normalization="inception", limit_train=args.train_size or None,
+                           limit_eval=args.eval_size or None, underrepresented={"Black": args.black})  # fmt: skip
     return dm, "UTKFace gender"
 
 
@@ -169,8 +169,8 @@ def main() -> None:
     parser.add_argument("--part", choices=["cifar", "utkface"], default="cifar")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "vision_results")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--train-size", type=int, default=8000)
-    parser.add_argument("--eval-size", type=int, default=3000)
+    parser.add_argument("--train-size", type=int, default=8000, help="training images (0: all)")
+    parser.add_argument("--eval-size", type=int, default=3000, help="validation and test images each (0: all)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 8.0])
     parser.add_argument("--layers", nargs="+", default=["head", "last_block"], choices=["head", "last_block"])
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -179,11 +179,14 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ema-only", action="store_true", help="DP cells with EMA only (to save time)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the non-DP cells")
+    parser.add_argument("--ema", choices=["both", "yes", "no"], default="both", help="DP cells with/without EMA")
+    parser.add_argument("--black", type=int, default=500, help="UTKFace: Black training faces kept (the paper: 500)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     args.epochs = {"head": args.head_epochs, "last_block": args.block_epochs}
     args.lr = {"head": 1e-2, "last_block": 1e-3}
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # 2 cores shared with other sessions
     out = args.out / args.part
     out.mkdir(parents=True, exist_ok=True)
     sink = out / "results.jsonl"
@@ -201,15 +204,16 @@ def main() -> None:
             print(f"features cached in {time.time() - start:.0f} s", flush=True)
         dm.setup("fit")
         done = {(r["layers"], r["target_eps"], r["ema"]) for r in rows}
-        cells = [(la, None, False) for la in args.layers]
-        emas = (True,) if args.ema_only else (False, True)
+        cells = [] if args.no_baseline else [(la, None, False) for la in args.layers]
+        emas = {"both": (False, True), "yes": (True,), "no": (False,)}["yes" if args.ema_only else args.ema]
         cells += [(la, e, ema) for la in args.layers for e in args.epsilons for ema in emas]
         for layers, eps, ema in cells:
             if (layers, eps, ema) in done:
                 continue
             result = run_cell(cache, dm, layers, eps, ema, args, out)
             row = {"data": label, "layers": layers, "target_eps": eps, "ema": ema,
-                   "scale": f"{args.train_size} train / {args.eval_size} test images at {args.resolution}px, "
+                   "scale": f"{len(cache['train']['y'])} train / {len(cache['test']['y'])} test images at "
+                   f"{args.resolution}px, "
                    f"{args.epochs[layers]} epochs, batch {args.batch_size}, seed {args.seed}, 2 shared CPU cores",
                    **result}  # fmt: skip
             rows.append(row)

@@ -5,12 +5,25 @@ from __future__ import annotations
 from typing import Literal
 
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock
 
 
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
     """GroupNorm over ``channels`` with the largest divisor of ``channels`` that is <= ``max_groups`` as groups."""
     groups = max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
     return nn.GroupNorm(groups, channels)
+
+
+class _OutOfPlaceBlock(BasicBlock):
+    """torchvision's BasicBlock without in-place ops: ``out += identity`` and ``ReLU(inplace=True)`` modify the
+    output of a hooked layer in place, which per-sample gradient hooks (``register_full_backward_hook``) refuse."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C', H', W']."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
 
 
 class ResNet18GN(nn.Module):
@@ -42,6 +55,11 @@ class ResNet18GN(nn.Module):
             net.maxpool = nn.Identity()  # type: ignore[assignment]
         elif in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        for module in net.modules():  # out-of-place, so that the per-sample gradient backends can hook every layer
+            if isinstance(module, BasicBlock):
+                module.__class__ = _OutOfPlaceBlock
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
         self.net = net
 
     def forward(self, x: Tensor) -> Tensor:

@@ -20,6 +20,10 @@ TABLE_COLUMNS = [
     "dp_acc_ci",
     "privacy_cost",
     "privacy_cost_ci",
+    "nondp_auc",
+    "nondp_auc_ci",
+    "dp_auc",
+    "dp_auc_ci",
 ]
 
 
@@ -51,7 +55,7 @@ def table_rows(summaries: list[Summary]) -> list[list[float | str]]:
         for r in s.rows:
             rows.append(
                 [s.label, _cell(s.epsilon), r.group, _cell(r.count)]
-                + [v for e in (r.nondp, r.dp, r.cost) for v in _cells(e)]
+                + [v for e in (r.nondp, r.dp, r.cost, r.nondp_auc, r.dp_auc) for v in _cells(e)]
             )
     return rows
 
@@ -89,19 +93,38 @@ def _runs_table(dp: list[Run], baseline: list[Run], split: str) -> list[str]:
     return lines
 
 
+def _auc_lines(s: Summary, has_baseline: bool) -> list[str]:
+    """The AUC gap bullet (runs that logged per-group AUC: binary and multi-label tasks), else nothing."""
+    if s.auc_gap_dp is None and s.auc_gap_nondp is None:
+        return []
+    line = f"- **AUC gap** (max - min per-group ROC AUC): DP {pct(s.auc_gap_dp)} pp"
+    if s.auc_gap_dp is not None:
+        line += f" (lowest AUC: group {s.extreme_group('dp_auc', highest=False)})"
+    if has_baseline:
+        line += f" vs non-DP {pct(s.auc_gap_nondp)} pp"
+        if s.auc_gap_nondp is not None:
+            line += f" (lowest AUC: group {s.extreme_group('nondp_auc', highest=False)})"
+    return [line + "."]
+
+
 def _setting_section(s: Summary, has_baseline: bool) -> list[str]:
     lines = [f"## DP {s.label}" + (" vs non-DP" if has_baseline else ""), ""]
+    auc = any(r.dp_auc is not None or r.nondp_auc is not None for r in s.rows)
     if has_baseline:
+        extra = (" non-DP AUC (%) | DP AUC (%) |", "---|---|") if auc else ("", "")
         lines += [
-            "| group | count | non-DP acc (%) | DP acc (%) | privacy cost (pp) |",
-            "|---|---|---|---|---|",
+            "| group | count | non-DP acc (%) | DP acc (%) | privacy cost (pp) |" + extra[0],
+            "|---|---|---|---|---|" + extra[1],
         ]
         lines += [
-            f"| {r.group} | {_num(r.count, '.0f')} | {pct(r.nondp)} | {pct(r.dp)} | {pct(r.cost)} |" for r in s.rows
+            f"| {r.group} | {_num(r.count, '.0f')} | {pct(r.nondp)} | {pct(r.dp)} | {pct(r.cost)} |"
+            + (f" {pct(r.nondp_auc)} | {pct(r.dp_auc)} |" if auc else "")
+            for r in s.rows
         ]
     else:
-        lines += ["| group | count | DP acc (%) |", "|---|---|---|"]
-        lines += [f"| {r.group} | {_num(r.count, '.0f')} | {pct(r.dp)} |" for r in s.rows]
+        lines += ["| group | count | DP acc (%) |" + (" DP AUC (%) |" if auc else ""), "|---|---|---|" + "---|" * auc]
+        lines += [f"| {r.group} | {_num(r.count, '.0f')} | {pct(r.dp)} |" + (f" {pct(r.dp_auc)} |" if auc else "")
+                  for r in s.rows]  # fmt: skip
     lines.append("")
     worst = f"DP {pct(s.worst_dp)}% (group {s.extreme_group('dp', highest=False)})"
     if has_baseline and s.worst_nondp is not None and s.cost_gap is not None:
@@ -117,7 +140,7 @@ def _setting_section(s: Summary, has_baseline: bool) -> list[str]:
         ]
     else:
         lines.append(f"- **Worst-group accuracy**: {worst}.")
-    return lines + [""]
+    return lines + _auc_lines(s, has_baseline) + [""]
 
 
 def render(
@@ -138,6 +161,9 @@ def render(
         "epoch). Accuracies in %, privacy cost = non-DP accuracy - DP accuracy in percentage points (pp).",
         "",
     ]
+    if any(s.auc_gap_dp is not None or s.auc_gap_nondp is not None for s in summaries):
+        lines += [f"Per-group ROC AUC ({split}/auc/group=..., binary and multi-label tasks) in %, AUC gap = max "
+                        "- min per-group AUC of a run in pp.", ""]  # fmt: skip
     if not baseline:
         lines += [
             "> **No baseline**: the privacy cost per group needs the non-DP twin of these runs. " + twin_hint(dp),

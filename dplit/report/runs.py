@@ -133,6 +133,16 @@ class Run:
     def group_acc(self, split: str) -> dict[str, float]:
         return {g: self.evals[split][f"{split}/acc{GROUP_MARK}{g}"] for g in self.groups(split)}
 
+    def group_auc(self, split: str) -> dict[str, float]:
+        """Per-group ROC AUC of the last ``split`` evaluation (``<split>/auc/group=<g>``: binary tasks, and the
+        macro AUC of multi-label tasks); groups whose AUC is undefined (NaN: one class only) are left out."""
+        prefix = f"{split}/auc{GROUP_MARK}"
+        return {
+            key[len(prefix) :]: v
+            for key, v in self.evals.get(split, {}).items()
+            if key.startswith(prefix) and not math.isnan(v)
+        }
+
     def group_count(self, split: str) -> dict[str, float]:
         prefix = f"{split}/count{GROUP_MARK}"
         return {key[len(prefix) :]: v for key, v in self.evals.get(split, {}).items() if key.startswith(prefix)}

@@ -123,6 +123,10 @@ class GroupRow:
     cost: Estimate | None
     train_count: float | None = None
     """Training examples of the group (from the runs' ``summary.json``; None when unknown)."""
+    dp_auc: Estimate | None = None
+    """Per-group ROC AUC of the DP runs (None unless every DP run logged ``<split>/auc/group=<g>``)."""
+    nondp_auc: Estimate | None = None
+    """The same for the non-DP runs."""
 
 
 @dataclass
@@ -135,6 +139,9 @@ class Summary:
     overall: Estimate | None
     worst_dp: Estimate
     worst_nondp: Estimate | None
+    auc_gap_dp: Estimate | None = None
+    """Max - min per-group AUC of each DP run, over its seeds (None unless every run has two groups' AUCs)."""
+    auc_gap_nondp: Estimate | None = None
 
     @property
     def cost_gap(self) -> float | None:
@@ -174,6 +181,8 @@ def summarize(label: str, epsilon: float | None, dp: list[Run], baseline: list[R
                 dp=mean_ci(dp_acc),
                 nondp=mean_ci(base_acc) if baseline else None,
                 cost=difference_ci(base_acc, dp_acc, base_seeds, dp_seeds) if baseline else None,
+                dp_auc=_auc_estimate([r.group_auc(split).get(g) for r in dp]),
+                nondp_auc=_auc_estimate([r.group_auc(split).get(g) for r in baseline]),
             )
         )
     overall = [a for r in dp if (a := r.overall_acc(split)) is not None]
@@ -184,7 +193,23 @@ def summarize(label: str, epsilon: float | None, dp: list[Run], baseline: list[R
         overall=mean_ci(overall) if overall else None,
         worst_dp=mean_ci([min(r.group_acc(split).values()) for r in dp]),
         worst_nondp=mean_ci([min(r.group_acc(split).values()) for r in baseline]) if baseline else None,
+        auc_gap_dp=_auc_gap(dp, split),
+        auc_gap_nondp=_auc_gap(baseline, split),
     )
+
+
+def _auc_estimate(values: list[float | None]) -> Estimate | None:
+    """Mean and CI of one group's AUC over runs, or None when a run lacks it (or there are no runs)."""
+    present = [v for v in values if v is not None]
+    return mean_ci(present) if present and len(present) == len(values) else None
+
+
+def _auc_gap(runs: list[Run], split: str) -> Estimate | None:
+    """Mean and CI over runs of each run's max - min per-group AUC (None unless every run has >= 2 groups' AUCs)."""
+    aucs = [list(r.group_auc(split).values()) for r in runs]
+    if not aucs or any(len(a) < 2 for a in aucs):
+        return None
+    return mean_ci([max(a) - min(a) for a in aucs])
 
 
 def seeds_note(summaries: list[Summary]) -> str:
