@@ -12,6 +12,7 @@ does not depend on the words), ``--text-tokens`` tokens a row, no padding.
     bilstm_opacus_dp   Opacus' own DPLSTM + nn.Embedding with hooks (the per-timestep-hook baseline); few steps
     minilm_nodp        TransformerClassifier(MiniLM-L6, finetune="all"), no DP
     minilm_dp          the same + DifferentialPrivacy(grad_sample_mode="ghost")
+    minilm_dp_bk       the same + DifferentialPrivacy(grad_sample_mode="bookkeeping") (Linear, Embedding, LayerNorm)
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ TEXT_CONFIGS = (
     "bilstm_opacus_dp",
     "minilm_nodp",
     "minilm_dp",
+    "minilm_dp_bk",
 )
-TEXT_MEMORY_CONFIGS = ("bilstm_nodp", "bilstm_torch_nodp", "bilstm_dp", "minilm_nodp", "minilm_dp")
+TEXT_MEMORY_CONFIGS = ("bilstm_nodp", "bilstm_torch_nodp", "bilstm_dp", "minilm_nodp", "minilm_dp", "minilm_dp_bk")
 VOCAB, EMBED_DIM, HIDDEN = 20000, 300, 200
 TEXT_SIGMA, TEXT_C, TEXT_LR = 1.0, 1.0, 1e-3
 
@@ -110,7 +112,7 @@ def run_text(args: Any, timer: Any) -> dict[str, Any]:
     if "_dp" in config:
         from dplit.callbacks import DifferentialPrivacy
 
-        mode = {"bilstm_dp": "bookkeeping", "minilm_dp": "ghost"}.get(config, "hooks")
+        mode = {"bilstm_dp": "bookkeeping", "minilm_dp": "ghost", "minilm_dp_bk": "bookkeeping"}.get(config, "hooks")
         dp = DifferentialPrivacy(
             noise_multiplier=TEXT_SIGMA, max_grad_norm=TEXT_C, grad_sample_mode=mode, insecure_testing_seed=args.seed
         )
@@ -140,6 +142,8 @@ def text_summary(runs: dict[str, list[dict[str, Any]]], memory: dict[str, dict[s
         "bilstm_dp_hooks_over_nondp": us["bilstm_dp_hooks"] / us["bilstm_nodp"],
         "minilm_dp_over_nondp": us["minilm_dp"] / us["minilm_nodp"],
         "minilm_dp_mem_over_nondp": peak["minilm_dp"] / peak["minilm_nodp"],
+        "minilm_dp_bk_over_nondp": us["minilm_dp_bk"] / us["minilm_nodp"],
+        "minilm_dp_bk_mem_over_nondp": peak["minilm_dp_bk"] / peak["minilm_nodp"],
         "text_us_per_example": {c: round(v, 1) for c, v in us.items()},
         "text_ms_per_step": {
             c: round(1e3 * statistics.median(r["step_med_s"] for r in v), 1) for c, v in runs.items() if v
