@@ -81,6 +81,9 @@ def cell_config(cell: str, args: argparse.Namespace) -> tuple[str, dict[str, Any
                 init["toxicity_model"] = str(args.toxicity_model)
         if cb["class_path"].endswith("DifferentialPrivacy"):
             init["target_epsilon"] = float(cell.rsplit("eps", 1)[1])
+            # no virtual steps: under them Lightning's max_steps counts physical batches, so fewer logical (noised,
+            # accounted) steps would run than the non-DP twin's, with noise calibrated for max_steps
+            init["max_physical_batch_size"] = max(64, 8 * args.batch_size)
     bb = cfg["model"]["init_args"]["backbone"]["init_args"]
     bb.update(model=args.model, finetune=args.finetune, last_k=args.last_k)
     data = cfg["data"]["init_args"]
