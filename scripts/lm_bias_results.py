@@ -134,7 +134,7 @@ def table(rows: list[dict[str, Any]], order: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: order.index(r["cell"]) if r["cell"] in order else len(order)):
         m = r["metrics"]
-        eps = m.get("dp/epsilon")
+        eps = m.get("privacy/epsilon")
         ppl = m.get("val/ppl")
         vals = [fmt(m.get(f"val/bias/{k}")) for k, _ in shown]
         by_gender = [fmt(m.get(f"val/ppl/group=American_{g}"), 2) for g in ("actors", "actresses")]
