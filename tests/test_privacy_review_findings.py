@@ -126,6 +126,18 @@ def test_every_poisson_draw_is_one_accounted_noised_step(tmp_path, monkeypatch, 
     assert dp.epsilon == pytest.approx(poisson_epsilon(0.1, 1.0, 20), rel=1e-3)
 
 
+def test_max_steps_under_virtual_steps_warns_and_never_overspends(tmp_path, caplog):
+    """Lightning's max_steps counts physical batches: split logical batches mean fewer noised steps than planned.
+    The callback says so, and the accountant counts only the real releases (epsilon under target, never over)."""
+    dp = DifferentialPrivacy(target_epsilon=2.0, delta=DELTA, max_physical_batch_size=12)
+    with caplog.at_level("WARNING", logger="dplit.callbacks.privacy"):
+        trainer(tmp_path, [dp], max_epochs=-1, max_steps=30).fit(tiny_task(), datamodule=TinyData())
+    assert "counts physical batches" in caplog.text
+    assert 0 < dp.accountant.steps < 30  # B=20 expected, 12 a physical batch: most logical batches are split
+    assert dp.epsilon == pytest.approx(poisson_epsilon(0.1, dp.noise_multiplier, dp.accountant.steps), rel=1e-3)
+    assert dp.epsilon < 2.0
+
+
 # ------------------------------------------------------------------------ 3: non-Poisson passes
 
 
