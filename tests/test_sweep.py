@@ -115,7 +115,7 @@ def test_cell_configs(tmp_path):
     assert [lg["class_path"] for lg in nodp["trainer"]["logger"]] == ["dplit.loggers.CSVLogger"]  # W&B dropped
     clip = _dp_args(cell_config(base, spec, cells["clip01-eps8-seed4"]))
     assert clip["target_epsilon"] == 8.0 and clip["max_grad_norm"] == 0.1 and clip["algorithm"] == "dpsgd"
-    assert clip["delta"] == 1e-5 and clip["grad_sample_mode"] == "ghost"  # the base's other settings are kept
+    assert clip["delta"] == 1e-5 and clip["grad_sample_mode"] == "bookkeeping"  # the base's other settings are kept
     assert _dp_args(cell_config(base, spec, cells["dpsgd-eps8-seed4"]))["max_grad_norm"] == 1.0
     assert _dp_args(base)["target_epsilon"] == 3.0, "the base config must not be modified"
     wandb = cell_config(base, spec, cells["dpsgd-eps2-seed4"], wandb=True)["trainer"]["logger"][1]
