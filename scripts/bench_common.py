@@ -1,9 +1,34 @@
-"""Pieces shared by the benchmark scripts: the timing callback and the bare Lightning trainer they time."""
+"""Pieces shared by the benchmark scripts: the timing callback, the bare Lightning trainer they time, and the
+fresh-process worker runs whose result is one marked JSON line."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_worker(cmd: list[str], threads: int, mark: str, failure: str, **env: str) -> dict[str, Any]:
+    """Run ``cmd`` in a fresh process (W&B off, ``threads`` OpenMP/MKL threads, extra ``env``; a value "" unsets it)
+    and return the JSON after the last ``mark`` it prints; on failure, its output tail and SystemExit(``failure``)."""
+    full = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    for key, value in env.items():
+        if value:
+            full[key] = value
+        else:
+            full.pop(key, None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(mark)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"{failure} (exit {proc.returncode}); its output is above")
+    return json.loads(lines[-1][len(mark) :])
 
 
 def _sync() -> None:

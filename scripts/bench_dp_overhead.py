@@ -44,7 +44,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench_common import timed_trainer
+from bench_common import run_worker, timed_trainer
 from bench_text import TEXT_CONFIGS, TEXT_MEMORY_CONFIGS, run_text, text_summary
 
 CONFIGS = ("nodp", "dp_ghost", "dp_hooks", "raw_ghost", "raw_hooks", "raw_nodp", "dp_bookkeeping")
@@ -270,15 +270,8 @@ def _spawn(args: argparse.Namespace, config: str, memory: bool, **override: Any)
     cmd += ["--accelerator", args.accelerator, "--precision", args.precision]
     for name in ("batch_size", "steps", "warmup", "threads", "seed", "text_batch_size", "text_tokens"):
         cmd += [f"--{name.replace('_', '-')}", str(override.get(name, getattr(args, name)))]
-    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    if memory:
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # fixed threshold (also disables glibc's dynamic one)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"worker {config} failed (exit {proc.returncode}); its output is above")
-    return json.loads(lines[-1][len(MARK) :])
+    fixed = {"MALLOC_MMAP_THRESHOLD_": "65536"} if memory else {}  # fixed threshold (also disables the dynamic one)
+    return run_worker(cmd, args.threads, MARK, f"worker {config} failed", **fixed)
 
 
 def main() -> None:

@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from bench_common import run_worker
 from bench_dp_overhead import CONFIGS, MARK, SHARED_MNIST
 
 SCRIPT = Path(__file__).resolve().parent / "bench_dp_overhead.py"
@@ -32,16 +32,9 @@ def _run(args: argparse.Namespace, config: str, threshold: str) -> dict[str, Any
     cmd = [sys.executable, str(SCRIPT), "--worker", config, "--data", args.data]
     for name in ("batch_size", "steps", "warmup", "threads"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if threshold != "default":
-        env["MALLOC_MMAP_THRESHOLD_"] = threshold
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=SCRIPT.parents[1])
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"{config} with threshold {threshold} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len(MARK) :])
+    value = "" if threshold == "default" else threshold  # "": unset (glibc's dynamic threshold)
+    return run_worker(cmd, args.threads, MARK, f"{config} with threshold {threshold} failed",
+                      MALLOC_MMAP_THRESHOLD_=value)  # fmt: skip
 
 
 def main() -> None:
