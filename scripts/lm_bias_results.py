@@ -18,7 +18,6 @@ epochs; the paper-scale commands are in docs/lm_bias/results.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import subprocess
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dplit.report.runs import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,16 +95,12 @@ def cell_config(cell: str, args: argparse.Namespace) -> tuple[str, dict[str, Any
     return ("validate" if cell == "base" else "fit"), cfg
 
 
-def read_metrics(run_dir: Path) -> dict[str, float]:
-    """The last logged value of every column of the run's CSV metrics."""
+def last_metrics(run_dir: Path) -> dict[str, float]:
+    """The last logged value of every column of the cell's newest CSV metrics (the report's own reader)."""
     files = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise FileNotFoundError(f"no metrics.csv under {run_dir}")
-    out: dict[str, float] = {}
-    with files[-1].open() as f:
-        for row in csv.DictReader(f):
-            out.update({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return out
+    return read_metrics(files[-1])[0]
 
 
 def run_cell(cell: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -118,7 +115,7 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict[str, Any]:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     if rc != 0:
         raise SystemExit(f"cell {cell} failed (exit {rc}); see {out / 'log.txt'}")
-    metrics = read_metrics(out)
+    metrics = last_metrics(out)
     return {"cell": cell, "seconds": round(time.time() - t0), "metrics": metrics}
 
 

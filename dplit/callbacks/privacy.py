@@ -131,9 +131,9 @@ class DifferentialPrivacy(PrivacyState):
         if cfg.max_physical_batch_size is not None and trainer.max_steps is not None and trainer.max_steps > 0:
             log.warning(
                 "trainer.max_steps=%d counts physical batches: with max_physical_batch_size=%d (expected batch %d), "
-                "a Poisson batch above it is split, so fewer than %d logical (noised, accounted) steps run, and "
-                "target_epsilon, calibrated for %d, is under-spent. Raise max_physical_batch_size above the largest "
-                "batch, or use trainer.max_epochs, for exactly that many logical steps.",
+                "a Poisson batch above it is split, so fewer than %d logical (noised, accounted) steps run (a "
+                "target_epsilon, whose noise is calibrated for %d, is under-spent). Raise max_physical_batch_size "
+                "above the largest batch, or use trainer.max_epochs, for exactly that many logical steps.",
                 trainer.max_steps, cfg.max_physical_batch_size, plan.batch_size, trainer.max_steps, trainer.max_steps,
             )  # fmt: skip
         if self.accountant is None:
