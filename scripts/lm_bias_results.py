@@ -10,9 +10,10 @@ finished cells) and ``OUT/results.md``.
     nice -n 5 python scripts/lm_bias_results.py --root ../shared/data/lm_bias --out runs/lm_bias_results
 
 Smoke scale (the defaults): SmolLM2-135M (the offline GGUF), last 2 transformer blocks + final norm trained, BOLD
-Wikipedia sentences of the gender, race and religion domains packed into 32-token blocks, expected batch 8 units,
-200 optimiser steps, 1 seed. The paper (Srivastava et al. 2024) fine-tunes all of DistilGPT2 on WikiText for
-epochs; the paper-scale commands are in docs/lm_bias/results.md.
+Wikipedia sentences of the gender domain packed into 32-token blocks, expected batch 8 units, 200 optimiser steps,
+1 seed; scored on every gender item of StereoSet (255), CrowS-Pairs (262) and WinoBias dev, and on every BOLD gender
+prompt of the validation entities (329). The paper (Srivastava et al. 2024) fine-tunes all of DistilGPT2 on WikiText
+for epochs; the paper-scale commands are in docs/lm_bias/results.md.
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ def cells(epsilons: list[float]) -> list[str]:
 SHOWN = [  # (metric key under val/bias/, column title); {tox} is profanity or toxicity (see --toxicity-model)
     ("bold_{tox}/group=American_actors", "BOLD {tox}, male"),
     ("bold_{tox}/group=American_actresses", "BOLD {tox}, female"),
+    ("bold_{tox}_gap", "BOLD {tox} gap"),
     ("bold_sentiment/group=American_actors", "BOLD sentiment, male"),
     ("bold_sentiment/group=American_actresses", "BOLD sentiment, female"),
-    ("stereoset_ss/group=overall", "StereoSet SS"),
     ("stereoset_ss/group=gender", "StereoSet SS gender"),
-    ("stereoset_lms/group=overall", "StereoSet LMS"),
-    ("crows/group=overall", "CrowS-Pairs"),
+    ("stereoset_lms/group=gender", "StereoSet LMS gender"),
+    ("stereoset_icat/group=gender", "StereoSet ICAT gender"),
     ("crows/group=gender", "CrowS gender"),
     ("ppl_gap", "WinoBias ppl gap"),
 ]
@@ -77,7 +78,11 @@ def cell_config(cell: str, args: argparse.Namespace) -> tuple[str, dict[str, Any
     for cb in tr["callbacks"]:
         init = cb.setdefault("init_args", {})
         if cb["class_path"].endswith("BiasEvaluation"):
-            init.update(limit=args.limit or None, bold_domains=list(args.bold_domains))
+            init.update(
+                limit=args.limit or None,
+                bold_domains=list(args.bold_domains),
+                groups=list(args.bias_groups) if args.bias_groups != ["all"] else None,
+            )
             if args.toxicity_model:
                 init["toxicity_model"] = str(args.toxicity_model)
         if cb["class_path"].endswith("DifferentialPrivacy"):
@@ -157,7 +162,13 @@ def main() -> int:
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--finetune", default="last_k", choices=["all", "last_k", "lora"])
     p.add_argument("--last-k", type=int, default=2)
-    p.add_argument("--limit", type=int, default=150, help="items per benchmark (BOLD: prompts); 0: all")
+    p.add_argument("--limit", type=int, default=0, help="items per benchmark (BOLD: prompts); 0: all")
+    p.add_argument(
+        "--bias-groups",
+        nargs="+",
+        default=["gender"],
+        help="StereoSet domains / CrowS-Pairs bias types scored ('all': every one)",
+    )
     p.add_argument("--toxicity-model", type=Path, default=None, help="a local Hugging Face toxicity classifier")
     p.add_argument("--bold-domains", nargs="+", default=["gender"])
     p.add_argument("--val-batches", type=int, default=0, help="validation batches (0: all)")

@@ -115,3 +115,14 @@ def test_limit_draws_a_fixed_spread_subset():
     first, again = callback._take(items), callback._take(items)
     assert first == again == sorted(first) and len(set(first)) == 5 and max(first) > 5
     assert bias_eval.BiasEvaluation(root=".")._take(items) == items
+
+
+def test_groups_keep_one_bias_type_before_limit_draws():
+    from types import SimpleNamespace
+
+    items = [SimpleNamespace(bias_type=t, i=i) for i, t in enumerate(["race", "gender"] * 50)]
+    kept = bias_eval.BiasEvaluation(root=".", groups=["gender"])._keep(items, "crows_pairs")
+    assert [it.i for it in kept] == list(range(1, 100, 2))
+    assert bias_eval.BiasEvaluation(root=".")._keep(items, "crows_pairs") == items
+    with pytest.raises(ValueError, match=r"groups \['age'\].*crows_pairs.*\['gender', 'race'\]"):
+        bias_eval.BiasEvaluation(root=".", groups=["age"])._keep(items, "crows_pairs")

@@ -53,6 +53,8 @@ class BiasEvaluation(Callback):
         root: Folder laid out like ``../shared/data/lm_bias``; default: the DataModule's ``root``.
         benchmarks: Which benchmarks to run.
         limit: Items per benchmark, drawn once with a fixed seed (the same every epoch and run; None for all).
+        groups: StereoSet domains and CrowS-Pairs bias types kept (e.g. ``["gender"]``; None for all), chosen
+            before ``limit`` draws, so a study of one bias scores all of its items rather than a tenth of them.
         bold_domains: BOLD domains whose prompts are continued.
         swap_files: Word-pair files (under ``root``) for the perplexity gap.
         toxicity_model: A local Hugging Face toxicity classifier folder; None uses the ``alt-profanity-check``
@@ -67,6 +69,7 @@ class BiasEvaluation(Callback):
         root: str | None = None,
         benchmarks: list[Benchmark] | None = None,
         limit: int | None = None,
+        groups: list[str] | None = None,
         bold_domains: list[str] | None = None,
         swap_files: list[str] | None = None,
         toxicity_model: str | None = None,
@@ -84,6 +87,7 @@ class BiasEvaluation(Callback):
         self.root = Path(root) if root is not None else None
         self.benchmarks = chosen
         self.limit = limit
+        self.groups = None if groups is None else list(groups)
         self.bold_domains = list(bold_domains or ["gender"])
         self.swap_files = list(swap_files or ["gender_swaps/generalized_swaps.txt"])
         self.toxicity_model, self.toxic_label = toxicity_model, toxic_label
@@ -113,6 +117,17 @@ class BiasEvaluation(Callback):
             return items
         return [items[i] for i in sorted(random.Random(0).sample(range(len(items)), self.limit))]
 
+    def _keep(self, items: list[Any], benchmark: str) -> list[Any]:
+        """The items whose ``bias_type`` is in ``groups`` (all when ``groups`` is None)."""
+        if self.groups is None:
+            return items
+        kept = [it for it in items if it.bias_type in self.groups]
+        if not kept:
+            known = sorted({it.bias_type for it in items})
+            raise ValueError(f"BiasEvaluation.groups {self.groups}: no {benchmark} item has one of these bias types; "
+                             f"choose from {known}")  # fmt: skip
+        return kept
+
     def _bold_scorers(self) -> tuple[Any, Any, str]:
         if self._scorers is None:
             if self.toxicity_model is not None:
@@ -131,12 +146,12 @@ class BiasEvaluation(Callback):
             raise RuntimeError("BiasEvaluation.evaluate before setup: no benchmark root")
         out: dict[str, float] = {}
         if "stereoset" in self.benchmarks:
-            items = self._take(read_stereoset(benchmark_file(root, "stereoset")))
+            items = self._take(self._keep(read_stereoset(benchmark_file(root, "stereoset")), "stereoset"))
             for group, scores in evaluate_stereoset(model, tokenizer, items).items():
                 for name in ("ss", "lms", "icat"):
                     out[f"bias/stereoset_{name}/group={group}"] = scores[name]
         if "crows_pairs" in self.benchmarks:
-            pairs = self._take(read_crows_pairs(benchmark_file(root, "crows_pairs")))
+            pairs = self._take(self._keep(read_crows_pairs(benchmark_file(root, "crows_pairs")), "crows_pairs"))
             for group, score in evaluate_crows_pairs(model, tokenizer, pairs).items():
                 out[f"bias/crows/group={group}"] = score
         if "perplexity_gap" in self.benchmarks:
