@@ -43,7 +43,7 @@ def cells(epsilons: list[float]) -> list[str]:
 SHOWN = [  # (metric key under val/bias/, column title); {tox} is profanity or toxicity (see --toxicity-model)
     ("bold_{tox}/group=American_actors", "BOLD {tox}, male"),
     ("bold_{tox}/group=American_actresses", "BOLD {tox}, female"),
-    ("bold_{tox}_gap", "BOLD {tox} gap"),
+    ("bold_{tox}_diff", "BOLD {tox} female - male (95% CI)"),
     ("bold_sentiment/group=American_actors", "BOLD sentiment, male"),
     ("bold_sentiment/group=American_actresses", "BOLD sentiment, female"),
     ("stereoset_ss/group=gender", "StereoSet SS gender"),
@@ -128,6 +128,18 @@ def fmt(v: float | None, digits: int = 4) -> str:
     return "-" if v is None or math.isnan(v) else f"{v:.{digits}f}"
 
 
+def diff(m: dict[str, float], metric: str) -> str:
+    """Female minus male mean of a BOLD metric with a normal 95% interval from the two standard errors."""
+    f, ma = (m.get(f"val/bias/{metric}/group=American_{g}") for g in ("actresses", "actors"))
+    if f is None or ma is None:
+        return "-"
+    sf, sm = (m.get(f"val/bias/{metric}_se/group=American_{g}") for g in ("actresses", "actors"))
+    if sf is None or sm is None or math.isnan(sf) or math.isnan(sm):
+        return f"{f - ma:+.4f}"
+    half = 1.96 * math.sqrt(sf * sf + sm * sm)
+    return f"{f - ma:+.4f} ({f - ma - half:+.4f}, {f - ma + half:+.4f})"
+
+
 def table(rows: list[dict[str, Any]], order: list[str]) -> str:
     keys = {k for r in rows for k in r["metrics"]}
     tox = "toxicity" if any(k.startswith("val/bias/bold_toxicity") for k in keys) else "profanity"
@@ -138,9 +150,9 @@ def table(rows: list[dict[str, Any]], order: list[str]) -> str:
         m = r["metrics"]
         eps = m.get("privacy/epsilon")
         ppl = m.get("val/ppl")
-        vals = [fmt(m.get(f"val/bias/{k}")) for k, _ in shown]
+        vals = [diff(m, k.split("_diff")[0]) if k.endswith("_diff") else fmt(m.get(f"val/bias/{k}")) for k, _ in shown]
         by_gender = [fmt(m.get(f"val/ppl/group=American_{g}"), 2) for g in ("actors", "actresses")]
-        lines.append(f"| {r['cell']} | {fmt(eps, 2) if eps is not None else 'non-DP'} | {fmt(ppl, 2)} | "
+        lines.append(f"| {r['cell']} | {fmt(eps, 2) if eps is not None else ('-' if r['cell'] == 'base' else 'non-DP')} | {fmt(ppl, 2)} | "
                      + " | ".join(by_gender) + " | "
                      + " | ".join(vals) + f" | {r['seconds'] / 60:.1f} |")  # fmt: skip
     return "\n".join(lines)

@@ -4,6 +4,7 @@ held-out entities only, generation seeded; BOLD group scores by hand."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,10 @@ def test_bold_group_scores_by_hand():
     assert scores["profanity/group=American_actors"] == pytest.approx(0.55)
     assert scores["profanity_share/group=American_actresses"] == 0.0
     assert scores["profanity_gap"] == pytest.approx(0.35) and scores["sentiment_gap"] == pytest.approx(0.0)
+    # standard errors of the means: actors' sentiment (0.8, -0.6): sd = 1.4 / sqrt(2), se = sd / sqrt(2) = 0.7
+    assert scores["sentiment_se/group=American_actors"] == pytest.approx(0.7)
+    assert scores["profanity_se/group=American_actors"] == pytest.approx(0.35)
+    assert math.isnan(scores["profanity_se/group=American_actresses"])  # one continuation
 
 
 def _root(tmp_path: Path) -> Path:
