@@ -150,9 +150,10 @@ def table(rows: list[dict[str, Any]], order: list[str]) -> str:
         m = r["metrics"]
         eps = m.get("privacy/epsilon")
         ppl = m.get("val/ppl")
+        eps_text = fmt(eps, 2) if eps is not None else ("-" if r["cell"] == "base" else "non-DP")
         vals = [diff(m, k.split("_diff")[0]) if k.endswith("_diff") else fmt(m.get(f"val/bias/{k}")) for k, _ in shown]
         by_gender = [fmt(m.get(f"val/ppl/group=American_{g}"), 2) for g in ("actors", "actresses")]
-        lines.append(f"| {r['cell']} | {fmt(eps, 2) if eps is not None else ('-' if r['cell'] == 'base' else 'non-DP')} | {fmt(ppl, 2)} | "
+        lines.append(f"| {r['cell']} | {eps_text} | {fmt(ppl, 2)} | "
                      + " | ".join(by_gender) + " | "
                      + " | ".join(vals) + f" | {r['seconds'] / 60:.1f} |")  # fmt: skip
     return "\n".join(lines)
