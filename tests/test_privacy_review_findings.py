@@ -126,16 +126,35 @@ def test_every_poisson_draw_is_one_accounted_noised_step(tmp_path, monkeypatch, 
     assert dp.epsilon == pytest.approx(poisson_epsilon(0.1, 1.0, 20), rel=1e-3)
 
 
-def test_max_steps_under_virtual_steps_warns_and_never_overspends(tmp_path, caplog):
-    """Lightning's max_steps counts physical batches: split logical batches mean fewer noised steps than planned.
-    The callback says so, and the accountant counts only the real releases (epsilon under target, never over)."""
+def test_max_steps_under_virtual_steps_counts_logical_steps(tmp_path):
+    """Lightning counts every physical batch as an optimizer step; under virtual steps `max_steps` means logical
+    (noised, accounted) steps, as the target_epsilon calibration assumes: exactly 30 releases, epsilon = target."""
     dp = DifferentialPrivacy(target_epsilon=2.0, delta=DELTA, max_physical_batch_size=12)
-    with caplog.at_level("WARNING", logger="dplit.callbacks.privacy"):
-        trainer(tmp_path, [dp], max_epochs=-1, max_steps=30).fit(tiny_task(), datamodule=TinyData())
-    assert "counts physical batches" in caplog.text
-    assert 0 < dp.accountant.steps < 30  # B=20 expected, 12 a physical batch: most logical batches are split
-    assert dp.epsilon == pytest.approx(poisson_epsilon(0.1, dp.noise_multiplier, dp.accountant.steps), rel=1e-3)
-    assert dp.epsilon < 2.0
+    t = trainer(tmp_path, [dp], max_epochs=-1, max_steps=30)
+    t.fit(tiny_task(), datamodule=TinyData())
+    assert dp.accountant.steps == 30
+    assert t.global_step > 30  # B=20 expected, 12 a physical batch: most logical batches were split
+    assert t.max_steps == 30  # the user's setting is back after the fit
+    assert dp.stop_reason is None  # the planned end, not a budget stop
+    assert dp.epsilon == pytest.approx(poisson_epsilon(0.1, dp.noise_multiplier, 30), rel=1e-3)
+    assert dp.epsilon == pytest.approx(2.0, rel=0.02)
+
+
+def test_max_steps_under_virtual_steps_resume_and_second_fit(tmp_path):
+    """Resumed from a checkpoint, max_steps counts from the run's start (as the accountant does); a second fit of a
+    fresh trainer with the same callback counts from 0, as Lightning does."""
+    dp = DifferentialPrivacy(noise_multiplier=1.0, delta=DELTA, max_physical_batch_size=12)
+    first = trainer(tmp_path, [dp], max_epochs=-1, max_steps=10)
+    task = tiny_task()
+    first.fit(task, datamodule=TinyData())
+    first.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed = DifferentialPrivacy(noise_multiplier=1.0, delta=DELTA, max_physical_batch_size=12)
+    trainer(tmp_path, [resumed], max_epochs=-1, max_steps=25).fit(
+        tiny_task(), TinyData(), ckpt_path=tmp_path / "mid.ckpt"
+    )
+    assert dp.accountant.steps == 10 and resumed.accountant.steps == 25
+    trainer(tmp_path, [dp], max_epochs=-1, max_steps=5).fit(task, datamodule=TinyData())
+    assert dp.accountant.steps == 15  # the accountant continues (never resets); 5 more logical steps
 
 
 # ------------------------------------------------------------------------ 3: non-Poisson passes

@@ -1,8 +1,8 @@
 """The DP callback's checkpoint, ledger and logging state (a mixin of :class:`~dplit.callbacks.DifferentialPrivacy`).
 
 Kept apart from the hooks so that each file holds one concern: how the accountant starts (noise calibrated to the
-planned steps) or continues, what a checkpoint carries, how a resumed run restores the accountant (never backwards),
-the crash-safe ledger, and the ``privacy/*`` metrics.
+planned steps) or continues, what ``trainer.max_steps`` counts under virtual steps, what a checkpoint carries, how
+a resumed run restores the accountant (never backwards), the crash-safe ledger, and the ``privacy/*`` metrics.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class PrivacyState(Callback):
     _restored: dict[str, Any] | None
     _restored_ledger: dict[str, Any] | None
     _restored_algorithm: dict[str, Any] | None
+    _logical_max_steps: int | None
+    _lightning_max_steps: int | None
 
     def _start_accountant(self, trainer: L.Trainer, per_epoch: int) -> None:
         cfg, plan = self.config, self.plan
@@ -81,6 +83,30 @@ class PrivacyState(Callback):
         self._restored_ledger = state
         self._restored_algorithm = state.get("algorithm") or None
         log.info("Resumed privacy accountant at step %d (epsilon=%.4g)", self.accountant.steps, self.epsilon)
+
+    def _count_logical_steps(self, trainer: L.Trainer) -> None:
+        """Under virtual steps, ``trainer.max_steps`` means logical (noised, accounted) steps, as the noise
+        calibration assumes. Lightning counts every physical batch as an optimizer step, and a Poisson batch
+        above ``max_physical_batch_size`` is split, so Lightning's own limit is lifted for the run and this callback
+        stops the run once the accountant holds ``max_steps`` releases (restored at the end of the fit)."""
+        assert self.accountant is not None
+        self._logical_max_steps = None
+        max_steps = trainer.max_steps
+        if self.config.max_physical_batch_size is None or max_steps is None or max_steps <= 0:
+            return
+        # A fresh trainer counts max_steps from 0 (a second fit continuing this accountant); a resumed or reused one
+        # counts from the run's start, as the accountant's steps do.
+        fresh = trainer.ckpt_path is None and trainer.global_step == 0  # (a resumed trainer's loops restore later)
+        self._logical_max_steps = max_steps + (self.accountant.steps if fresh else 0)
+        self._lightning_max_steps = max_steps
+        trainer.fit_loop.epoch_loop.max_steps = -1
+        log.info("DifferentialPrivacy: trainer.max_steps=%d counts logical steps (virtual steps split batches "
+                 "above max_physical_batch_size=%d).", max_steps, self.config.max_physical_batch_size)  # fmt: skip
+
+    def _restore_max_steps(self, trainer: L.Trainer) -> None:
+        if self._lightning_max_steps is not None:
+            trainer.fit_loop.epoch_loop.max_steps = self._lightning_max_steps
+            self._lightning_max_steps = self._logical_max_steps = None
 
     def _open_ledger(self, trainer: L.Trainer) -> None:
         assert self.accountant is not None and self._fingerprint is not None

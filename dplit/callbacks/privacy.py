@@ -97,6 +97,8 @@ class DifferentialPrivacy(PrivacyState):
         self._world_size = 1
         self._is_global_zero = True
         self._step_limit: int | None = None
+        self._logical_max_steps: int | None = None  # stop at this accountant step count (virtual steps)
+        self._lightning_max_steps: int | None = None  # trainer.max_steps, lifted for the run and restored after
 
     # ---------------------------------------------------------------- setup: fail loudly and early
     @override
@@ -128,14 +130,6 @@ class DifferentialPrivacy(PrivacyState):
                 stacklevel=2,
             )
         per_epoch = budget.steps_per_epoch(trainer.limit_train_batches, plan.steps_per_epoch)
-        if cfg.max_physical_batch_size is not None and trainer.max_steps is not None and trainer.max_steps > 0:
-            log.warning(
-                "trainer.max_steps=%d counts physical batches: with max_physical_batch_size=%d (expected batch %d), "
-                "a Poisson batch above it is split, so fewer than %d logical (noised, accounted) steps run (a "
-                "target_epsilon, whose noise is calibrated for %d, is under-spent). Raise max_physical_batch_size "
-                "above the largest batch, or use trainer.max_epochs, for exactly that many logical steps.",
-                trainer.max_steps, cfg.max_physical_batch_size, plan.batch_size, trainer.max_steps, trainer.max_steps,
-            )  # fmt: skip
         if self.accountant is None:
             self.plan = plan
             self._start_accountant(trainer, per_epoch)
@@ -143,6 +137,7 @@ class DifferentialPrivacy(PrivacyState):
             self._continue_accountant(plan)
         assert self.accountant is not None and self.noise_multiplier is not None and self._fingerprint is not None
         self._restore()
+        self._count_logical_steps(trainer)
         self._open_ledger(trainer)
         sigma, q = self.noise_multiplier, plan.sample_rate
 
@@ -272,12 +267,15 @@ class DifferentialPrivacy(PrivacyState):
         every = getattr(trainer, "log_every_n_steps", 50)
         if every > 0 and (trainer.global_step % every == 0 or trainer.should_stop):
             self._log(pl_module, on_step=True)
-        if trainer.should_stop and self.stop_reason is None:
+        done = self._logical_max_steps is not None and self.accountant.steps >= self._logical_max_steps
+        if done:
+            trainer.should_stop = True  # `trainer.max_steps` logical steps taken (see _count_logical_steps)
+        if trainer.should_stop and self.stop_reason is None and not done:
             return
         stop = self.controller.exhausted or (self._step_limit is not None and self.accountant.steps >= self._step_limit)
         if trainer.world_size > 1:
             stop = trainer.strategy.broadcast(stop, src=0)
-        if stop and self.stop_reason is None and not planned_end(trainer, batch_idx):
+        if stop and self.stop_reason is None and not (done or planned_end(trainer, batch_idx)):
             self.stop_reason = f"privacy budget reached: epsilon={self.epsilon:.4g} of {self.config.budget}"
             log.warning(
                 "Privacy budget reached: epsilon=%.4f after %d steps; the next step would exceed %g. Stopping.",
@@ -294,6 +292,7 @@ class DifferentialPrivacy(PrivacyState):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_max_steps(trainer)
         # The final spend reaches the loggers even when the last step fell between `log_every_n_steps`.
         if trainer.is_global_zero and self.accountant is not None:
             for logger in trainer.loggers:
@@ -317,7 +316,10 @@ class DifferentialPrivacy(PrivacyState):
     # ---------------------------------------------------------------- teardown and checkpoint state
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.backend is None:
+        if stage != "fit":
+            return
+        self._restore_max_steps(trainer)
+        if self.backend is None:
             return
         self.backend.detach()
         self.backend = None
