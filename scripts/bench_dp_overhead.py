@@ -8,6 +8,8 @@ over ``--repeats`` rounds, median taken per configuration:
     dp_ghost    the same + dplit.callbacks.DifferentialPrivacy(grad_sample_mode="ghost")
     dp_hooks    the same + DifferentialPrivacy(grad_sample_mode="hooks")
     dp_bookkeeping  the same + DifferentialPrivacy(grad_sample_mode="bookkeeping") (dplit's one-backward clipping)
+    dp_bk_cap   dp_bookkeeping with max_physical_batch_size=B: a Poisson batch above B is split into physical
+                batches of at most B (virtual steps, same privacy), so the largest batch in memory is nodp's
     raw_ghost   plain Python loop, opacus.PrivacyEngine.make_private(grad_sample_mode="ghost"), Poisson sampling
     raw_hooks   the same with grad_sample_mode="hooks"          (extra: dplit hooks vs raw hooks)
     raw_nodp    plain Python loop, no Opacus                     (extra: Lightning's own overhead)
@@ -47,8 +49,8 @@ from typing import Any
 from bench_common import run_worker, timed_trainer
 from bench_text import TEXT_CONFIGS, TEXT_MEMORY_CONFIGS, run_text, text_summary
 
-CONFIGS = ("nodp", "dp_ghost", "dp_hooks", "raw_ghost", "raw_hooks", "raw_nodp", "dp_bookkeeping")
-MEMORY_CONFIGS = ("nodp", "dp_ghost", "dp_hooks", "raw_ghost", "dp_bookkeeping")
+CONFIGS = ("nodp", "dp_ghost", "dp_hooks", "raw_ghost", "raw_hooks", "raw_nodp", "dp_bookkeeping", "dp_bk_cap")
+MEMORY_CONFIGS = ("nodp", "dp_ghost", "dp_hooks", "raw_ghost", "dp_bookkeeping", "dp_bk_cap")
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 NOISE_MULTIPLIER, MAX_GRAD_NORM, DELTA, LR = 0.8, 1.0, 1e-6, 0.05  # configs/mnist_dp.yaml (the paper's setting)
 MARK = "BENCH_RESULT "
@@ -178,7 +180,7 @@ def _run_lightning(args: argparse.Namespace, timer: StepTimer) -> dict[str, Any]
     if args.worker != "nodp":
         from dplit.callbacks import DifferentialPrivacy  # lazily: the non-DP paths run without the privacy core
 
-        mode = args.worker.removeprefix("dp_")
+        mode = {"dp_bk_cap": "bookkeeping"}.get(args.worker, args.worker.removeprefix("dp_"))
         callbacks.append(
             DifferentialPrivacy(
                 noise_multiplier=NOISE_MULTIPLIER,
@@ -187,6 +189,7 @@ def _run_lightning(args: argparse.Namespace, timer: StepTimer) -> dict[str, Any]
                 accountant="rdp",
                 grad_sample_mode=mode,
                 insecure_testing_seed=args.seed,  # same Poisson batch sizes in dp_ghost and dp_hooks (benchmark only)
+                max_physical_batch_size=args.batch_size if args.worker == "dp_bk_cap" else None,
             )
         )
     trainer = timed_trainer(timer, callbacks, accelerator=args.accelerator, precision=args.precision)
@@ -458,6 +461,8 @@ def _bench(args: argparse.Namespace) -> None:
         "dp_hooks_mem_over_nondp": peak["dp_hooks"] / peak["nodp"],
         "dp_bookkeeping_over_nondp": us_ex["dp_bookkeeping"] / us_ex["nodp"],
         "dp_bookkeeping_mem_over_nondp": peak["dp_bookkeeping"] / peak["nodp"],
+        "dp_bk_cap_over_nondp": us_ex["dp_bk_cap"] / us_ex["nodp"],
+        "dp_bk_cap_mem_over_nondp": peak["dp_bk_cap"] / peak["nodp"],
         "ratio_basis": "time per example: median over steps of cycle/batch size, median over repeats",
         "steps_per_s": {c: round(1e3 / ms_step[c], 3) for c in CONFIGS},
         "us_per_example": {c: round(us_ex[c], 2) for c in CONFIGS},
