@@ -69,6 +69,43 @@ def test_per_example_conv_gradients_match_vmap_autograd(name):
             torch.testing.assert_close(p.grad, torch.einsum("n,n...->...", coef, ref[k]))
 
 
+# (layer spec as in LAYERS, input H, W): few output positions, so ghost norms are cheaper than the gradients
+GHOST = {
+    "pointwise": ((16, 24, 1, 1, 0, 1, 1, True, "zeros"), (2, 2)),
+    "pointwise-stride2": ((12, 20, 1, 2, 0, 1, 1, False, "zeros"), (3, 4)),
+    "3x3-same-small-map": ((8, 8, 3, 1, 1, 1, 1, True, "zeros"), (2, 2)),
+    "3x3-reflect-stride": ((6, 10, 3, 2, 1, 1, 1, True, "reflect"), (3, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(GHOST))
+def test_ghost_norms_of_small_maps_match_vmap_autograd(name, monkeypatch):
+    """Few output positions: the per-example norms come from the ghost identity over input patches (no gradient
+    formed, the clipped sum recomputed), equal to per-example autograd's; in one chunk and example by example."""
+    torch.manual_seed(4)
+    spec, (h, w) = GHOST[name]
+    m = _layer(spec)
+    a = torch.randn(7, m.in_channels, h, w, dtype=torch.double)
+    g = torch.randn_like(m(a))
+    ref = _reference(m, a, g)
+    expected_sq = sum(v.flatten(1).pow(2).sum(1) for v in ref.values())
+    coef = torch.rand(7, dtype=torch.double)
+
+    def formed(*args, **kwargs):
+        raise AssertionError("per-example gradients formed: the ghost path was not taken")
+
+    monkeypatch.setattr(conv_grads, "per_example_weight_grads", formed)
+    for chunk in (conv_grads.CHUNK_BYTES, 1):
+        monkeypatch.setattr(conv_grads, "CHUNK_BYTES", chunk)
+        per = conv_per_example(m, a, g)
+        assert per.weight is None and per.recompute  # the ghost path: no per-example gradient kept
+        torch.testing.assert_close(per.sq, expected_sq)
+        m.zero_grad(set_to_none=True)
+        write_clipped(m, per, a, g, coef)
+        for k, p in m.named_parameters():
+            torch.testing.assert_close(p.grad, torch.einsum("n,n...->...", coef, ref[k]))
+
+
 def test_chunks_of_examples_give_the_same_norms(monkeypatch):
     torch.manual_seed(1)
     m = _layer(LAYERS["dilation-stride"])

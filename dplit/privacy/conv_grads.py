@@ -108,18 +108,31 @@ def conv_per_example(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, keep: bool 
     no larger than the captures ``a`` and ``g``, which the caller may then drop) or else only their norms are, and
     :func:`write_clipped` forms the clipped sum as one weight gradient of the coefficient-scaled ``g`` (the same sum
     by linearity, at the cost of a second product): peak memory is then the captures plus one chunk.
+
+    Ghost norms: for an ungrouped layer whose output has few positions ``L`` (1x1 convolutions of small feature
+    maps, the last blocks of a CNN), ``||dW_i||^2 = sum_{l,l'} (p_l . p_l')(g_l . g_l')`` over the example's input
+    patches ``p`` and output gradients ``g`` costs ``L^2 (D + out)`` instead of ``L D out`` for the gradient itself
+    (``D`` = in*kh*kw); it is used when cheaper and ``keep`` is not True (the clipped sum is then recomputed).
     """
     n, out = g.shape[:2]
     sq = g.new_zeros(n)
     weight = None
     train_weight = bool(m.weight.requires_grad)
+    positions, d = g[0, 0].numel(), m.weight[0].numel()
+    ghost = keep is not True and m.groups == 1 and positions * (d + out) < out * d
     if keep is None:
-        keep = n * out * m.weight[0].numel() <= a.numel() + g.numel()
+        keep = not ghost and n * out * d <= a.numel() + g.numel()
     if train_weight:
-        per_example_bytes = m.weight[0].numel() * m.groups * g[0, 0].numel() * a.element_size()  # its patches
+        per_example_bytes = d * m.groups * positions * a.element_size()  # its patches
         step = max(1, CHUNK_BYTES // max(1, per_example_bytes))
-        weight = g.new_empty(n, out, m.weight[0].numel()) if keep else None
+        weight = g.new_empty(n, out, d) if keep else None
         for i in range(0, n, step):
+            if ghost:
+                cols = patches(m, a[i : i + step], tuple(g.shape[2:]))[:, 0]  # type: ignore[arg-type]  # [c, D, L]
+                gc = g[i : i + step].flatten(2)  # [c, out, L]
+                gram = torch.matmul(cols.transpose(1, 2), cols) * torch.matmul(gc.transpose(1, 2), gc)  # [c, L, L]
+                sq[i : i + step] = gram.sum((1, 2))
+                continue
             w = per_example_weight_grads(m, a[i : i + step], g[i : i + step])  # [chunk, out, D]
             sq[i : i + step] = torch.linalg.vector_norm(w.flatten(1), dim=1).square()
             if weight is not None:
