@@ -138,7 +138,8 @@ def run_cell(cache: dict, dm: GroupedDataModule, layers: str, eps: float | None,
     callbacks: list[Any] = [SubgroupMetrics(train_diagnostics=False, wandb_panels=False)]
     dp = None
     if eps is not None:
-        dp = DifferentialPrivacy(target_epsilon=eps, delta=1e-5, max_grad_norm=1.0, max_physical_batch_size=256)
+        dp = DifferentialPrivacy(target_epsilon=eps, delta=1e-5, max_grad_norm=1.0, max_physical_batch_size=256,
+                                 grad_sample_mode=args.grad_sample_mode)  # fmt: skip
         callbacks.append(dp)
     if ema:
         callbacks.append(EMAWeights(decay=args.ema_decay))
@@ -183,6 +184,12 @@ def main() -> None:
     parser.add_argument("--ema", choices=["both", "yes", "no"], default="both", help="DP cells with/without EMA")
     parser.add_argument("--black", type=int, default=500, help="UTKFace: Black training faces kept (the paper: 500)")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument(
+        "--grad-sample-mode",
+        default="bookkeeping",
+        choices=["hooks", "ghost", "bookkeeping"],
+        help="per-example clipping of the DP cells (the same clipped sums; book-keeping is fastest)",
+    )
     args = parser.parse_args()
     args.epochs = {"head": args.head_epochs, "last_block": args.block_epochs}
     args.lr = {"head": 1e-2, "last_block": 1e-3}
@@ -211,7 +218,7 @@ def main() -> None:
             if (layers, eps, ema) in done:
                 continue
             result = run_cell(cache, dm, layers, eps, ema, args, out)
-            row = {"data": label, "layers": layers, "target_eps": eps, "ema": ema,
+            row = {"data": label, "layers": layers, "target_eps": eps, "ema": ema, "clipping": args.grad_sample_mode,
                    "scale": f"{len(cache['train']['y'])} train / {len(cache['test']['y'])} test images at "
                    f"{args.resolution}px, "
                    f"{args.epochs[layers]} epochs, batch {args.batch_size}, seed {args.seed}, 2 shared CPU cores",
