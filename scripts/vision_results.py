@@ -218,7 +218,8 @@ def main() -> None:
             if (layers, eps, ema) in done:
                 continue
             result = run_cell(cache, dm, layers, eps, ema, args, out)
-            row = {"data": label, "layers": layers, "target_eps": eps, "ema": ema, "clipping": args.grad_sample_mode,
+            row = {"data": label, "layers": layers, "target_eps": eps, "ema": ema,
+                   "clipping": None if eps is None else args.grad_sample_mode,
                    "scale": f"{len(cache['train']['y'])} train / {len(cache['test']['y'])} test images at "
                    f"{args.resolution}px, "
                    f"{args.epochs[layers]} epochs, batch {args.batch_size}, seed {args.seed}, 2 shared CPU cores",

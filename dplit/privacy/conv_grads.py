@@ -128,7 +128,7 @@ def conv_per_example(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, keep: bool 
         weight = g.new_empty(n, out, d) if keep else None
         for i in range(0, n, step):
             if ghost:
-                cols = patches(m, a[i : i + step], tuple(g.shape[2:]))[:, 0]  # type: ignore[arg-type]  # [c, D, L]
+                cols = patches(m, a[i : i + step], (g.shape[2], g.shape[3]))[:, 0]  # [c, D, L]
                 gc = g[i : i + step].flatten(2)  # [c, out, L]
                 gram = torch.matmul(cols.transpose(1, 2), cols) * torch.matmul(gc.transpose(1, 2), gc)  # [c, L, L]
                 sq[i : i + step] = gram.sum((1, 2))
