@@ -69,13 +69,14 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
     rows = {s["method"]: s for s in report["settings"]}
     ref = rows.get("nodp")
     lines = [
-        "| method | seeds run | epsilon | overall | class 8 | class 2 | worst class | class-8 cost vs non-DP (pts) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | seeds run | epsilon | overall | class 8 | class 2 | worst class | class-8 cost vs non-DP (pts) "
+        "| min per run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method in args.methods:
         s = rows.get(method)
         if s is None:
-            lines.append(f"| {method} | 0 | not run | | | | | |")
+            lines.append(f"| {method} | 0 | not run | | | | | | |")
             continue
         eps = s["epsilon"]["mean"] if s.get("epsilon") and s["epsilon"].get("mean") is not None else None
         g8 = s["group_acc"].get("8")
@@ -84,7 +85,7 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
             cost = f"{100 * (ref['group_acc']['8']['mean'] - g8['mean']):.1f}"
         lines.append(
             f"| {method} | {s['n']} | {'—' if eps is None else f'{eps:.2f}'} | {fmt(s['overall_acc'])} | {fmt(g8)} | "
-            f"{fmt(s['group_acc'].get('2'))} | {fmt(s['worst_group_acc'])} | {cost} |"
+            f"{fmt(s['group_acc'].get('2'))} | {fmt(s['worst_group_acc'])} | {cost} | {run_minutes(args.out, method)} |"
         )
     paper = [
         "| source | setting | overall | class 8 | class 2 |",
@@ -104,8 +105,9 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
             f"{args.epochs} epoch(s) per run (the paper: 60), {n} seed(s) requested "
             f"({', '.join(map(str, args.seeds))}; "
             "the `seeds run` column says how many completed), "
-            f"{platform.machine()} CPU ({_cores()} cores), {minutes:.0f} min for this invocation (cells finished by "
-            "earlier invocations are skipped).** Real MNIST from "
+            f"{platform.machine()} CPU ({_cores()} cores), {args.jobs} run(s) at a time, {minutes:.0f} min for this "
+            "invocation (cells finished by earlier invocations are skipped; the last column is each run's own wall "
+            "time).** Real MNIST from "
             f"`{args.root}` (class 8 cut to 500 training examples, N = 54,649), the paper's CNN "
             "(`dplit.models.MnistCNN`), "
             f"SGD lr {args.lr} momentum {args.momentum} (the seed code's `params_mnist.yaml`: 0.01, 0.5), batch 256 "
@@ -146,6 +148,20 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
     )
 
 
+def run_minutes(out: Path, method: str) -> str:
+    """Wall minutes of the method's completed runs (range over seeds), from each run folder: its ``hparams.yaml``
+    (written when the fit starts) to its ``summary.json`` (written when it ends)."""
+    minutes = []
+    for summary in sorted(out.glob(f"{method}-*/version_*/summary.json")):
+        start = summary.parent / "hparams.yaml"
+        if start.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+            minutes.append((summary.stat().st_mtime - start.stat().st_mtime) / 60)
+    if not minutes:
+        return "—"
+    low, high = min(minutes), max(minutes)
+    return f"{low:.0f}" if round(low) == round(high) else f"{low:.0f}-{high:.0f}"
+
+
 def _cores() -> int:
     import os
 
@@ -163,6 +179,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (seed code: 0.01)")
     parser.add_argument("--momentum", type=float, default=0.5, help="SGD momentum (seed code: 0.5)")
     parser.add_argument("--fit-arg", action="append", default=[], help="extra `dplit fit` argument (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at a time (`dplit sweep --jobs`)")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument(
         "--report-only", action="store_true", help="run no cell: write the table from the cells completed so far"
@@ -175,7 +192,8 @@ def main() -> int:
     start = time.time()
     code = 0
     if not args.report_only:
-        code = run([*dplit, "sweep", "--spec", str(spec_path), *(["--dry-run"] if args.dry_run else [])])
+        flags = ["--dry-run"] if args.dry_run else ["--jobs", str(args.jobs)]
+        code = run([*dplit, "sweep", "--spec", str(spec_path), *flags])
     if args.dry_run:
         return code
     minutes = (time.time() - start) / 60

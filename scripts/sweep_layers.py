@@ -23,7 +23,8 @@ from pathlib import Path
 
 from dplit.sweep.aggregate import aggregate, read_cells
 from dplit.sweep.cells import expand, load_base
-from dplit.sweep.run import fit_command, read_manifest, run_sweep
+from dplit.sweep.local import run_sweep
+from dplit.sweep.run import fit_command, read_manifest
 from dplit.sweep.spec import SweepSpec, load_spec
 
 OPTION = "--model.init_args.backbone.init_args.trainable_layers"

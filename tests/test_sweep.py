@@ -275,3 +275,57 @@ def test_real_sweep_slurm_cell_resume_and_report(tmp_path, capsys):
     assert data["incomplete"] == []
     md = (report / "report.md").read_text()
     assert f"| dpsgd | 3 | — | 3 | 1 | {100 * dp_val['val/acc']:.2f} |" in md
+
+
+FAKE_SLOW_PYTHON = """#!/bin/bash
+# like FAKE_PYTHON, but each cell takes a while and records how many cells were training at once, and its threads
+dir=$(dirname "$5")
+name=$(basename "$dir")
+touch "$SWEEP_LIVE/$name"
+echo "$name $(ls "$SWEEP_LIVE" | wc -l) ${OMP_NUM_THREADS:-unset} ${MKL_NUM_THREADS:-unset}" >> "$SWEEP_CALLS"
+sleep 1
+rm "$SWEEP_LIVE/$name"
+mkdir -p "$dir/version_0"
+echo '{"kind": "fit", "status": "completed"}' > "$dir/version_0/summary.json"
+"""
+
+
+def test_jobs_train_cells_concurrently_with_shared_threads_and_leave_busy_cells(tmp_path, monkeypatch, capsys):
+    from dplit.sweep.local import threads_per_cell
+
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_SLOW_PYTHON)
+    fake.chmod(0o755)
+    calls, live = tmp_path / "calls.txt", tmp_path / "live"
+    live.mkdir()
+    monkeypatch.setattr(sweep_run, "PYTHON", str(fake))
+    monkeypatch.setenv("SWEEP_CALLS", str(calls))
+    monkeypatch.setenv("SWEEP_LIVE", str(live))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "7")  # the caller's own setting wins
+    out = tmp_path / "sw"
+    busy = out / "dpsgd-eps8-seed1"  # a cell another machine is training: left alone
+    busy.mkdir(parents=True)
+    (busy / sweep_run.RUNNING).write_text(json.dumps({"pid": 1, "host": "another-node", "started": "x"}))
+    args = ["sweep", "--config", str(QUICKSTART), "--algorithms", "dpsgd", "nodp", "--epsilons", "1", "8",
+            "--seeds", "0", "1", "--out", str(out)]  # fmt: skip
+    assert main([*args, "--jobs", "0"]) == 2
+    assert "--jobs 0" in capsys.readouterr().err
+    assert main([*args, "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "0 done (skipped), 1 being trained by another process (skipped), 5 to run (2 at a time" in printed
+    rows = [line.split() for line in calls.read_text().splitlines()]
+    assert sorted(r[0] for r in rows) == sorted(
+        ["nodp-seed0", "dpsgd-eps1-seed0", "dpsgd-eps8-seed0", "nodp-seed1", "dpsgd-eps1-seed1"]
+    )
+    concurrent = [int(r[1]) for r in rows]
+    assert max(concurrent) == 2, concurrent  # two at a time, never more
+    assert {(r[2], r[3]) for r in rows} == {(str(threads_per_cell(2)), "7")}
+    status = {c["name"]: c["status"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    assert status.pop("dpsgd-eps8-seed1") == "running" and set(status.values()) == {"completed"}
+    assert [p.parent.name for p in out.glob("*/.running")] == ["dpsgd-eps8-seed1"]  # only the other machine's
+    # one at a time (the default): no thread setting is imposed
+    calls.unlink()
+    (busy / sweep_run.RUNNING).unlink()
+    assert main(args) == 0
+    assert [line.split()[1:] for line in calls.read_text().splitlines()] == [["1", "unset", "7"]]

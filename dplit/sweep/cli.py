@@ -7,6 +7,7 @@ Examples::
         --out runs/sweeps/x -- --trainer.max_epochs=3
     dplit sweep --spec configs/sweeps/quickstart_sweep.yaml --emit slurm   # OUT/sweep.sbatch, one task per cell
     dplit sweep --spec OUT/sweep.yaml --cell 3                             # one cell (what a cluster job runs)
+    dplit sweep --spec configs/sweeps/quickstart_sweep.yaml --jobs 2       # two cells at a time, threads shared
     dplit report OUT
 
 Mistakes in the spec exit with code 2 and a message naming the field; a failed cell makes the exit code 1 once the
@@ -46,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="list the cells, their status and commands; run nothing")
     parser.add_argument("--emit", choices=["slurm", "wandb"], help="write cluster jobs instead of running the cells")
     parser.add_argument("--cell", metavar="INDEX|NAME", help="run only this cell, in this process (cluster jobs)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N cells at a time on this machine, each with cpu_count/N threads (default 1)",
+    )
     return parser
 
 
@@ -115,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = _spec(args, fit_args)
         if args.cell is not None and args.emit is not None:
             raise SpecError("--cell with --emit: emit the jobs first, then each job runs one --cell")
+        if args.jobs < 1:
+            raise SpecError(f"--jobs {args.jobs}: give the number of cells to train at a time, 1 or more")
         base = load_base(spec)
         cells = expand(spec)
         picked = [find_cell(cells, args.cell)] if args.cell is not None else cells
@@ -135,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path} ({len(cells)} cells) and {spec.out / run.SPEC_FILE}; start it with: {how}")
         return 0
     if args.cell is None:
-        return run.run_sweep(spec, base, cells)
+        from dplit.sweep.local import run_sweep
+
+        return run_sweep(spec, base, cells, jobs=args.jobs)
     cell = picked[0]
     done = run.completed_run(spec.out / cell.name)
     if done is not None:

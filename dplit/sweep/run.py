@@ -1,4 +1,4 @@
-"""Running a sweep: each cell as `dplit fit` in its own process, one after the other, resumable.
+"""Running a sweep: each cell as `dplit fit` in its own process, resumable (the loop is ``dplit.sweep.local``).
 
 A cell is done when ``OUT/<cell>/version_N/summary.json`` says a fit ``completed`` (``dplit.callbacks.RunSummary``);
 done cells are skipped, so rerunning the same command resumes the sweep. A failed cell is reported, the sweep goes on
@@ -13,7 +13,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -91,12 +90,17 @@ def is_running(folder: Path) -> bool:
     return True
 
 
-@contextmanager
-def running(folder: Path) -> Iterator[None]:
-    """Marks ``folder`` as being trained by this process while the block runs."""
+def write_marker(folder: Path) -> None:
+    """Marks ``folder`` as being trained by this process (pid and host), until its ``.running`` file is removed."""
     folder.mkdir(parents=True, exist_ok=True)
     marker = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_atomic(folder / RUNNING, json.dumps(marker) + "\n")
+
+
+@contextmanager
+def running(folder: Path) -> Iterator[None]:
+    """Marks ``folder`` as being trained by this process while the block runs."""
+    write_marker(folder)
     try:
         yield
     finally:
@@ -157,27 +161,6 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def run_cell_subprocess(spec: SweepSpec, base: dict[str, Any], cell: Cell) -> tuple[int, float]:
-    """Writes the cell's config and runs ``python -m dplit.cli fit`` on it, output in ``OUT/<cell>/fit.log``.
-
-    Returns the exit code and the seconds it took.
-    """
-    write_cell_config(base, spec, cell)
-    log = spec.out / cell.name / LOG_NAME
-    start = time.monotonic()
-    with running(spec.out / cell.name), log.open("a") as handle:
-        handle.write(f"$ {fit_command(spec, cell)}\n")
-        handle.flush()
-        proc = subprocess.run(
-            [PYTHON, "-m", "dplit.cli", *fit_argv(spec, cell)],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env=_child_env(),
-            check=False,
-        )
-    return proc.returncode, time.monotonic() - start
-
-
 def run_cell_here(spec: SweepSpec, base: dict[str, Any], cell: Cell, wandb: bool | None = None) -> int:
     """Writes the cell's config and runs ``dplit fit`` on it in this process (a cluster task: one cell, one
     process, output on the console); returns the exit code."""
@@ -186,71 +169,6 @@ def run_cell_here(spec: SweepSpec, base: dict[str, Any], cell: Cell, wandb: bool
 
     with running(spec.out / cell.name):
         return dplit_main(fit_argv(spec, cell))
-
-
-def _tail(path: Path, lines: int = 6) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return "\n".join(f"    {line}" for line in text[-lines:])
-
-
-def run_sweep(spec: SweepSpec, base: dict[str, Any], cells: list[Cell]) -> int:
-    """Runs every cell without a completed fit, in order, under a progress bar; returns 0, 1 if any failed, 130 if
-    interrupted (Ctrl-C: the running cell is stopped; rerunning resumes)."""
-    from tqdm import tqdm
-
-    todo = [c for c in cells if completed_run(spec.out / c.name) is None]
-    done = len(cells) - len(todo)
-    print(f"dplit sweep: {len(cells)} cells in {spec.out}: {done} done (skipped), {len(todo)} to run", flush=True)
-    extra: dict[str, dict[str, Any]] = {}
-    write_manifest(spec, cells)
-    failed: list[Cell] = []
-    bar = tqdm(todo, desc="sweep", unit="cell", total=len(todo), dynamic_ncols=True, file=sys.stderr)
-    try:
-        for cell in bar:
-            bar.set_postfix_str(cell.name)
-            code, seconds = run_cell_subprocess(spec, base, cell)
-            extra[cell.name] = {"returncode": code, "seconds": round(seconds, 1)}
-            if code == 0 and cell_status(spec, cell)["status"] == "completed":
-                bar.write(f"{cell.name}: completed in {seconds:.0f} s{_result(spec, cell)}")
-            else:
-                failed.append(cell)
-                log = spec.out / cell.name / LOG_NAME
-                bar.write(f"{cell.name}: FAILED (exit code {code}); log {log}:\n{_tail(log)}", file=sys.stderr)
-            write_manifest(spec, cells, extra)
-    except KeyboardInterrupt:
-        bar.close()
-        write_manifest(spec, cells, extra)
-        print(
-            "dplit sweep: interrupted; rerun the same command to resume (finished cells are skipped)", file=sys.stderr
-        )
-        return 130
-    bar.close()
-    manifest = write_manifest(spec, cells, extra)
-    if failed:
-        print(
-            f"dplit sweep: {len(failed)} cell(s) failed: {', '.join(c.name for c in failed)}; fix the cause and "
-            "rerun the same command (finished cells are skipped)",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"dplit sweep: all {len(cells)} cells completed; manifest {manifest}; next: dplit report {spec.out}")
-    return 0
-
-
-def _result(spec: SweepSpec, cell: Cell) -> str:
-    """``, val acc 91.2%, epsilon 2.99`` from the cell's summary.json."""
-    run = completed_run(spec.out / cell.name)
-    summary = read_summary(run) if run is not None else {}
-    parts = []
-    if summary.get("acc") is not None:
-        parts.append(f"{summary.get('split', 'val')} acc {100 * float(summary['acc']):.1f}%")
-    epsilon = (summary.get("privacy") or {}).get("epsilon")
-    if epsilon is not None:
-        parts.append(f"epsilon {float(epsilon):.3g}")
-    return "".join(f", {p}" for p in parts)
 
 
 __all__ = [
@@ -265,10 +183,9 @@ __all__ = [
     "fit_command",
     "read_manifest",
     "run_cell_here",
-    "run_cell_subprocess",
-    "run_sweep",
     "running",
     "versions",
     "write_atomic",
     "write_manifest",
+    "write_marker",
 ]
