@@ -176,3 +176,46 @@ def test_bookkeeping_grouped_convs_and_a_first_layer_hidden_from_autograd_are_ex
     got = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
     torch.testing.assert_close(got, expected)
     assert (bk.last_norms > c).sum() >= 3  # most examples clipped: the factors matter
+
+
+# (layer spec, input H, W, ghost norms expected for units of 3 rows: 3 L (D + out) < out D)
+UNIT_CASES = {
+    "plain": (LAYERS["plain"], (7, 6), False),
+    "groups2": (LAYERS["groups2"], (7, 6), False),
+    "pointwise-ghost": ((32, 48, 1, 1, 0, 1, 1, True, "zeros"), (2, 2), True),
+    "3x3-small-map-ghost": ((16, 16, 3, 1, 1, 1, 1, False, "zeros"), (2, 2), True),
+}
+
+
+@pytest.mark.parametrize("case", list(UNIT_CASES))
+def test_units_of_k_rows_match_the_sum_of_their_rows_autograd_gradients(case, monkeypatch):
+    """Augmentation multiplicity: a unit's gradient is the sum of its K rows' (vmap autograd, summed by hand), on the
+    kept, recomputed and ghost paths, in one chunk and unit by unit."""
+    torch.manual_seed(5)
+    k, units = 3, 4
+    spec, (h, w), ghost = UNIT_CASES[case]
+    m = _layer(spec)
+    a = torch.randn(units * k, m.in_channels, h, w, dtype=torch.double)
+    g = torch.randn_like(m(a))
+    ref = {name: t.reshape(units, k, *t.shape[1:]).sum(1) for name, t in _reference(m, a, g).items()}
+    expected_sq = sum(v.flatten(1).pow(2).sum(1) for v in ref.values())
+    coef = torch.rand(units, dtype=torch.double)
+    formed = []
+    real = conv_grads.per_example_weight_grads
+    monkeypatch.setattr(conv_grads, "per_example_weight_grads", lambda *x, **kw: formed.append(1) or real(*x, **kw))
+    for chunk in (conv_grads.CHUNK_BYTES, 1):
+        monkeypatch.setattr(conv_grads, "CHUNK_BYTES", chunk)
+        for keep in (True, False, None):
+            formed.clear()
+            per = conv_per_example(m, a, g, keep=keep, rows_per_unit=k)
+            assert bool(formed) == (keep is True or not ghost)  # ghost: no per-example gradient formed
+            if keep:
+                torch.testing.assert_close(per.weight, ref["weight"].flatten(2))
+            torch.testing.assert_close(per.sq, expected_sq)
+            torch.testing.assert_close(per.bias, ref.get("bias"))
+            m.zero_grad(set_to_none=True)
+            write_clipped(m, per, a, g, coef)
+            for name, p in m.named_parameters():
+                torch.testing.assert_close(p.grad, torch.einsum("n,n...->...", coef, ref[name]))
+    with pytest.raises(ValueError, match="units of 5 rows"):
+        conv_per_example(m, a, g, rows_per_unit=5)

@@ -44,26 +44,39 @@ def test_views_for_training_only_and_per_item_losses(tmp_path):
         CIFARDataModule(augmentation_multiplicity=2, augment=False)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch"])
-def test_an_items_views_together_move_the_model_by_at_most_c(tmp_path, mode):
+def _backbone(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    return nn.Sequential(  # 8x8 -> 8x8 -> 3x3: two convolutions, one grouped
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, groups=2),
+        nn.Tanh(), nn.Flatten(), nn.Linear(6 * 3 * 3, 10),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mode", "kind"),
+    [("hooks", "linear"), ("functorch", "linear"), ("hooks", "conv"), ("bookkeeping", "linear"),
+     ("bookkeeping", "conv")],  # fmt: skip
+)
+def test_an_items_views_together_move_the_model_by_at_most_c(tmp_path, mode, kind):
     root = write_cifar_pickles(tmp_path, "cifar10", 1, 1)
     dm = _data(root, batch_size=1, limit_train=1)  # one item, q = 1: the update is its clipped unit gradient
-    torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    backbone = _backbone(kind)
     task = Recording(backbone, optimizer=partial(torch.optim.SGD, lr=1.0))
     before = [p.detach().clone() for p in backbone.parameters()]
     dp = DifferentialPrivacy(noise_multiplier=1e-9, max_grad_norm=C, grad_sample_mode=mode)
     trainer(tmp_path, [dp], max_steps=1).fit(task, datamodule=dm)
     update = torch.cat([(b - a).reshape(-1) for b, a in zip(before, backbone.parameters(), strict=True)])
     # Independent reference: each view's own loss gradient at the starting weights.
-    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    net = _backbone(kind)
     nn.utils.vector_to_parameters(torch.cat([b.reshape(-1) for b in before]), net.parameters())
     y = dm.splits()["train"].y[:1]
     rows = []
     for k in range(K):
         loss = nn.functional.cross_entropy(net(task.seen[:, k]), y)
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(net.parameters()))]))
-    unit = sum(rows)
+    unit = sum(rows) / K  # the mean of the views' gradients (De et al.), then clipped
     assert min(r.norm() for r in rows) > 2 * C  # every view alone would be clipped
     assert sum(r * C / r.norm() for r in rows).norm() > 1.5 * C  # clipping views separately: up to K x C
     assert update.norm() <= C * (1 + 1e-4)

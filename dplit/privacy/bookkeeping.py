@@ -259,7 +259,7 @@ class BookKeeping:
             assert e is not None
             # the loss is a mean over the n examples: each example's own gradient is n * (its share); every rule
             # is linear in g, so the factor goes on the squared norms (n^2) and the clip factors (n), not on g
-            per = per_example(m, e)  # Conv2d: per-example norms and gradients (may drop e's captures); else None
+            per = per_example(m, e, k)  # Conv2d: per-unit norms and gradients (may drop e's captures); else None
             sq_norms += sq_norm(m, e, per).double() * (n * n)
             per_layer.append((m, e, per))
         captured = dict(entries)
@@ -311,10 +311,7 @@ def _tied_pairs(layers: list[nn.Module]) -> list[tuple[nn.Embedding, nn.Module]]
 def _unit_entry(m: nn.Module, e: dict[str, torch.Tensor] | None, k: int, name: str) -> dict[str, torch.Tensor]:
     assert e is not None
     if isinstance(m, nn.Conv2d):
-        raise UncoveredParameterError(
-            f"`grad_sample_mode: bookkeeping`: Conv2d layer {name} cannot combine the K rows of a privacy unit "
-            "before clipping; use `grad_sample_mode: hooks` (or functorch) for multi-row units with convolutions."
-        )
+        return e  # rows kept: conv_per_example sums a unit's K rows (per_example's rows_per_unit)
     return to_units(m, e, k, lstm=isinstance(m, LSTMScan))
 
 

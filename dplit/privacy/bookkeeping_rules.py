@@ -19,12 +19,13 @@ from dplit.privacy import conv_grads
 from dplit.privacy.transformer_rules import bookkeeping_rule
 
 
-def per_example(m: nn.Module, e: dict[str, torch.Tensor]) -> conv_grads.ConvPerExample | None:
-    """Conv2d: its per-example norms and gradients (:func:`dplit.privacy.conv_grads.conv_per_example`), its
-    captures dropped from ``e`` when the clipped sum no longer needs them; other layers: None."""
+def per_example(m: nn.Module, e: dict[str, torch.Tensor], rows_per_unit: int = 1) -> conv_grads.ConvPerExample | None:
+    """Conv2d: its per-unit norms and gradients (:func:`dplit.privacy.conv_grads.conv_per_example`; a unit is
+    ``rows_per_unit`` consecutive rows), its captures dropped from ``e`` when the clipped sum no longer needs them;
+    other layers: None."""
     if not isinstance(m, nn.Conv2d):
         return None
-    per = conv_grads.conv_per_example(m, e["a"], e["g"])
+    per = conv_grads.conv_per_example(m, e["a"], e["g"], rows_per_unit=rows_per_unit)
     if not per.recompute:
         e.clear()  # free the layer's input and output gradient now (the largest captures of a CNN)
     return per

@@ -87,20 +87,24 @@ CHUNK_BYTES = 8 << 20
 
 @dataclass
 class ConvPerExample:
-    """One Conv2d layer's per-example quantities for clipping (``n`` examples).
+    """One Conv2d layer's per-unit quantities for clipping (``n`` units of ``rows_per_unit`` rows each; a unit is one
+    example unless augmentation multiplicity makes it K rows).
 
-    ``sq``: squared gradient norms ``[n]`` over the layer's trainable parameters; ``weight``: the per-example weight
+    ``sq``: squared gradient norms ``[n]`` over the layer's trainable parameters; ``weight``: the per-unit weight
     gradients ``[n, out, in/G*kh*kw]`` when kept, None when the clipped sum is recomputed from the captures (or the
-    weight is frozen); ``bias``: per-example bias gradients ``[n, out]`` (None: no trainable bias).
+    weight is frozen); ``bias``: per-unit bias gradients ``[n, out]`` (None: no trainable bias).
     """
 
     sq: torch.Tensor
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     recompute: bool
+    rows_per_unit: int = 1
 
 
-def conv_per_example(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, keep: bool | None = None) -> ConvPerExample:
+def conv_per_example(
+    m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, keep: bool | None = None, rows_per_unit: int = 1
+) -> ConvPerExample:
     """Squared per-example gradient norms of ``m``'s trainable parameters, and what the clipped sum needs.
 
     ``a`` [n, in, H, W] is the layer's input and ``g`` [n, out, Ho, Wo] the gradient of its output (as captured).
@@ -113,50 +117,68 @@ def conv_per_example(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, keep: bool 
     maps, the last blocks of a CNN), ``||dW_i||^2 = sum_{l,l'} (p_l . p_l')(g_l . g_l')`` over the example's input
     patches ``p`` and output gradients ``g`` costs ``L^2 (D + out)`` instead of ``L D out`` for the gradient itself
     (``D`` = in*kh*kw); it is used when cheaper and ``keep`` is not True (the clipped sum is then recomputed).
+
+    Privacy units of ``rows_per_unit`` = K consecutive rows (augmentation multiplicity, unit-major): a unit's weight
+    gradient is the sum of its rows' (a conv gradient is a sum over output positions, so a unit is one example of
+    K*L positions); norms, kept gradients and bias gradients are per unit ``[n / K]``.
     """
+    k = rows_per_unit
+    if k < 1 or len(a) % k:
+        raise ValueError(f"conv_per_example: {len(a)} rows are not units of {k} rows")
     n, out = g.shape[:2]
-    sq = g.new_zeros(n)
+    units = n // k
+    sq = g.new_zeros(units)
     weight = None
     train_weight = bool(m.weight.requires_grad)
     positions, d = g[0, 0].numel(), m.weight[0].numel()
-    ghost = keep is not True and m.groups == 1 and positions * (d + out) < out * d
+    ghost = keep is not True and m.groups == 1 and k * positions * (d + out) < out * d
     if keep is None:
-        keep = not ghost and n * out * d <= a.numel() + g.numel()
+        keep = not ghost and units * out * d <= a.numel() + g.numel()
     if train_weight:
-        per_example_bytes = d * m.groups * positions * a.element_size()  # its patches
-        step = max(1, CHUNK_BYTES // max(1, per_example_bytes))
-        weight = g.new_empty(n, out, d) if keep else None
-        for i in range(0, n, step):
-            if ghost:
-                cols = patches(m, a[i : i + step], (g.shape[2], g.shape[3]))[:, 0]  # [c, D, L]
-                gc = g[i : i + step].flatten(2)  # [c, out, L]
-                gram = torch.matmul(cols.transpose(1, 2), cols) * torch.matmul(gc.transpose(1, 2), gc)  # [c, L, L]
-                sq[i : i + step] = gram.sum((1, 2))
+        per_unit_bytes = k * d * m.groups * positions * a.element_size()  # its patches
+        step = max(1, CHUNK_BYTES // max(1, per_unit_bytes))  # units a chunk
+        weight = g.new_empty(units, out, d) if keep else None
+        for i in range(0, units, step):
+            rows = slice(i * k, min(units, i + step) * k)
+            c = min(units, i + step) - i
+            if ghost:  # a unit's K*L positions: [c, D, K*L] and [c, out, K*L]
+                cols = patches(m, a[rows], (g.shape[2], g.shape[3]))[:, 0]  # [c*K, D, L]
+                cols = cols.reshape(c, k, d, -1).transpose(1, 2).reshape(c, d, -1)
+                gc = g[rows].flatten(2).reshape(c, k, out, -1).transpose(1, 2).reshape(c, out, -1)
+                gram = torch.matmul(cols.transpose(1, 2), cols) * torch.matmul(gc.transpose(1, 2), gc)  # [c, KL, KL]
+                sq[i : i + c] = gram.sum((1, 2))
                 continue
-            w = per_example_weight_grads(m, a[i : i + step], g[i : i + step])  # [chunk, out, D]
-            sq[i : i + step] = torch.linalg.vector_norm(w.flatten(1), dim=1).square()
+            w = per_example_weight_grads(m, a[rows], g[rows])  # [c*K, out, D]
+            if k > 1:
+                w = w.reshape(c, k, out, d).sum(1)
+            sq[i : i + c] = torch.linalg.vector_norm(w.flatten(1), dim=1).square()
             if weight is not None:
-                weight[i : i + step] = w
+                weight[i : i + c] = w
     bias = g.flatten(2).sum(2) if m.bias is not None and m.bias.requires_grad else None
     if bias is not None:
+        if k > 1:
+            bias = bias.reshape(units, k, out).sum(1)
         sq += bias.square().sum(1)
-    return ConvPerExample(sq, weight, bias, recompute=train_weight and not keep)
+    return ConvPerExample(sq, weight, bias, recompute=train_weight and not keep, rows_per_unit=k)
 
 
 def write_clipped(
     m: nn.Conv2d, per: ConvPerExample, a: torch.Tensor | None, g: torch.Tensor | None, coef: torch.Tensor
 ) -> None:
-    """``p.grad = sum_i coef[i] * grad_i`` (``p``'s shape and dtype) for the layer's trainable parameters.
+    """``p.grad = sum_i coef[i] * grad_i`` (``p``'s shape and dtype) over the units ``i`` (``coef`` [units]) for the
+    layer's trainable parameters.
 
     ``a`` and ``g`` (the captures) are needed only when ``per.recompute``: the weight's clipped sum is then the weight
-    gradient of the layer for the output gradient ``coef[i] * g_i`` (exact: the per-example gradient is linear in g).
+    gradient of the layer for the output gradient ``coef[i] * g_r`` of each row ``r`` of unit ``i`` (exact: the
+    per-example gradient is linear in g).
     """
     if per.weight is not None:
         m.weight.grad = (coef.to(per.weight.dtype) @ per.weight.flatten(1)).reshape_as(m.weight).to(m.weight.dtype)
     elif per.recompute:
         assert a is not None and g is not None
         x, padding = padded_input(m, a)
-        gc = g * coef.to(g.dtype).view(-1, 1, 1, 1)
+        rows = coef.to(g.dtype).repeat_interleave(per.rows_per_unit)
+        gc = g * rows.view(-1, 1, 1, 1)
         w = conv2d_weight(x, m.weight.shape, gc, stride=m.stride, padding=padding, dilation=m.dilation, groups=m.groups)
         m.weight.grad = w.to(m.weight.dtype)
     if per.bias is not None and m.bias is not None:
