@@ -98,12 +98,12 @@ class _Adapter(nn.Linear):
             lambda: nn.Sequential(_Adapter()),
             r"0 \(_Adapter: subclass of Linear.*trainable 0\.weight, 0\.bias, 0\.lora\)",
         ),
-        (lambda: nn.Sequential(nn.Linear(4, 6), nn.GroupNorm(2, 6)), r"1 \(GroupNorm: no book-keeping rule; trainable"),
+        (lambda: nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6)), r"1 \(RMSNorm: no book-keeping rule; trainable"),
         (lambda: nn.Sequential(nn.Conv3d(4, 4, 3)), r"0 \(Conv3d: no book-keeping rule; trainable 0\.weight"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, sparse=True)), r"Embedding: sparse / scale_grad_by_freq"),
         (lambda: nn.MultiheadAttention(4, 2), r"<root> \(MultiheadAttention: .*DPMultiheadAttention"),
     ],
-    ids=["linear-subclass", "groupnorm", "conv3d", "sparse-embedding", "multihead-attention"],
+    ids=["linear-subclass", "rmsnorm", "conv3d", "sparse-embedding", "multihead-attention"],
 )
 def test_check_supported_names_each_uncovered_parameter(build, pattern):
     with pytest.raises(UncoveredParameterError, match=pattern) as err:
@@ -167,3 +167,28 @@ def test_a_layer_run_twice_is_refused_when_it_happens_and_the_next_step_is_clean
         torch.testing.assert_close(ours, (ref * (1.0 / (norms + 1e-6)).clamp(max=1.0)[:, None]).sum(0))
     finally:
         bk.remove_hooks()
+
+
+@pytest.mark.parametrize("variant", ["affine", "frozen_weight", "no_affine", "2d_input"])
+def test_groupnorm_affine_parameters_are_clipped_per_example(variant):
+    """GroupNorm (the DP-safe normalisation of ResNet18GN and BN -> GN swaps): each example's own statistics, so its
+    affine gradients are per example; against one autograd call per example."""
+    torch.manual_seed(7)
+    if variant == "2d_input":
+        net = nn.Sequential(nn.Linear(5, 6), nn.GroupNorm(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+        x = torch.randn(6, 5, dtype=torch.double)
+    else:
+        norm = nn.GroupNorm(2, 4, affine=variant != "no_affine")
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), norm, nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).double()
+        with torch.no_grad():  # away from the init (1, 0), so a wrong xhat or a missing factor shows
+            for p in norm.parameters():
+                p.uniform_(-1.5, 1.5)
+        if variant == "frozen_weight":
+            norm.weight.requires_grad_(False)
+        scale = torch.logspace(-1, 1, 6, dtype=torch.double)[:, None, None, None]
+        x = torch.randn(6, 3, 6, 6, dtype=torch.double) * scale
+    y = torch.randn(6, 2, dtype=torch.double) * torch.logspace(-1, 1, 6, dtype=torch.double)[:, None]
+    check_supported(net)
+    _check_exact(net, x, y)
+    if variant == "frozen_weight":
+        assert net[1].weight.grad is None and net[1].bias.grad is not None

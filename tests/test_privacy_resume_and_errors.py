@@ -279,7 +279,7 @@ def test_disk_full_stops_cleanly_and_keeps_checkpoints_valid(tmp_path, monkeypat
 
 
 def test_bookkeeping_refuses_unsupported_layers(tmp_path):
-    task = ClassificationTask(nn.Sequential(nn.Linear(20, 16), nn.GroupNorm(4, 16), nn.Linear(16, 2)))
+    task = ClassificationTask(nn.Sequential(nn.Linear(20, 16), nn.RMSNorm(16), nn.Linear(16, 2)))
     t = trainer(tmp_path, [DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="bookkeeping")], max_steps=1)
-    with pytest.raises(IncompatibleModelError, match=r"unsupported: backbone.1 \(GroupNorm"):
+    with pytest.raises(IncompatibleModelError, match=r"unsupported: backbone.1 \(RMSNorm"):
         t.fit(task, datamodule=TinyData())

@@ -42,7 +42,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("bookkeeping", "lora_subclass"): r"net\.0\.lora_a",
     ("bookkeeping", "scale_leaf"): r"net\.1\.gamma",
     ("bookkeeping", "scale_parent"): r"net\.2\.gamma",
-    ("bookkeeping", "groupnorm"): r"net\.1\.weight",
     ("bookkeeping", "rmsnorm"): r"net\.1\.weight",
     ("bookkeeping", "linear_twice"): r"net\.fc\.weight",  # at run time: the module runs twice in one forward
     ("bookkeeping", "functional_tied"): r"trainable net\.bias",  # statically; without the bias, at run time:

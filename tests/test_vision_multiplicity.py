@@ -48,8 +48,8 @@ def _backbone(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "linear":
         return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
-    return nn.Sequential(  # 8x8 -> 8x8 -> 3x3: two convolutions, one grouped
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, groups=2),
+    return nn.Sequential(  # 8x8 -> 8x8 -> 3x3: convolutions (one grouped) and a GroupNorm
+        nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, groups=2),
         nn.Tanh(), nn.Flatten(), nn.Linear(6 * 3 * 3, 10),
     )  # fmt: skip
 

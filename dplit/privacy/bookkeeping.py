@@ -43,6 +43,7 @@ from dplit.privacy.transformer_rules import bookkeeping_rule, tied_cross_sq, tie
 RULES: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Linear: ("weight", "bias"),
     nn.Conv2d: ("weight", "bias"),
+    nn.GroupNorm: ("weight", "bias"),
     nn.Embedding: ("weight",),
     LSTMScan: ("weight",),
 }
@@ -98,7 +99,7 @@ def check_supported(module: nn.Module) -> None:
     bad = uncovered_parameters(module)
     if bad:
         raise UncoveredParameterError(
-            "`grad_sample_mode: bookkeeping` clips the parameters of exact Linear, Conv2d, Embedding "
+            "`grad_sample_mode: bookkeeping` clips the parameters of exact Linear, Conv2d, GroupNorm, Embedding "
             "(dense, no max_norm), dplit LSTM, GPT-2 Conv1D, LlamaRMSNorm and LayerNorm layers only; "
             f"unsupported: {', '.join(bad)}. {_ALTERNATIVE}"
         )
@@ -310,8 +311,8 @@ def _tied_pairs(layers: list[nn.Module]) -> list[tuple[nn.Embedding, nn.Module]]
 
 def _unit_entry(m: nn.Module, e: dict[str, torch.Tensor] | None, k: int, name: str) -> dict[str, torch.Tensor]:
     assert e is not None
-    if isinstance(m, nn.Conv2d):
-        return e  # rows kept: conv_per_example sums a unit's K rows (per_example's rows_per_unit)
+    if isinstance(m, nn.Conv2d | nn.GroupNorm):
+        return e  # rows kept: per_example sums a unit's K rows (its rows_per_unit)
     return to_units(m, e, k, lstm=isinstance(m, LSTMScan))
 
 

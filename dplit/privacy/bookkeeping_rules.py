@@ -4,7 +4,8 @@ Each rule reads a layer's captures ``e`` (``"a"``: the layer input, ``"g"``: the
 its output; LSTMScan: hidden states and gate gradients) and writes ``p.grad`` of the layer's trainable parameters.
 ``nn.Linear`` (any leading dims: ghost norms over the sequence when ``T^2`` is below the weight size, the
 materialised per-example gradient otherwise), ``nn.Conv2d`` (per-example gradients, :mod:`dplit.privacy.conv_grads`),
-``nn.Embedding`` (sparse per-example norms over each example's distinct tokens; the clipped sum an ``index_add``),
+``nn.GroupNorm`` (affine parameters, per example from each row's own normalisation), ``nn.Embedding`` (sparse
+per-example norms over each example's distinct tokens; the clipped sum an ``index_add``),
 :class:`dplit.models.lstm.LSTMScan`, and the rules of :mod:`dplit.privacy.transformer_rules` (GPT-2 ``Conv1D``,
 ``LlamaRMSNorm``, ``nn.LayerNorm``). Used by :class:`dplit.privacy.bookkeeping.BookKeeping`.
 """
@@ -21,8 +22,13 @@ from dplit.privacy.transformer_rules import bookkeeping_rule
 
 def per_example(m: nn.Module, e: dict[str, torch.Tensor], rows_per_unit: int = 1) -> conv_grads.ConvPerExample | None:
     """Conv2d: its per-unit norms and gradients (:func:`dplit.privacy.conv_grads.conv_per_example`; a unit is
-    ``rows_per_unit`` consecutive rows), its captures dropped from ``e`` when the clipped sum no longer needs them;
-    other layers: None."""
+    ``rows_per_unit`` consecutive rows), its captures dropped from ``e`` when the clipped sum no longer needs them.
+    GroupNorm: ``e`` becomes its per-unit gradients (``groupnorm_grads``); None. Other layers: None."""
+    if isinstance(m, nn.GroupNorm):
+        grads = groupnorm_grads(m, e["a"], e["g"], rows_per_unit)
+        e.clear()
+        e.update(grads)
+        return None
     if not isinstance(m, nn.Conv2d):
         return None
     per = conv_grads.conv_per_example(m, e["a"], e["g"], rows_per_unit=rows_per_unit)
@@ -36,6 +42,8 @@ def sq_norm(m: nn.Module, e: dict[str, torch.Tensor], per: conv_grads.ConvPerExa
     ``per_example``). Per example of the captured (mean-loss) gradients: the caller rescales by ``n^2``."""
     if per is not None:
         return per.sq
+    if isinstance(m, nn.GroupNorm):  # e: its per-unit gradients (per_example)
+        return sum(t.pow(2).sum(1) for t in e.values())  # type: ignore[return-value]
     if rule := bookkeeping_rule(m):
         return rule.sq_norm(m, e["a"], e["g"])
     if isinstance(m, nn.Embedding):
@@ -60,6 +68,11 @@ def write_clipped(
     if per is not None:
         assert isinstance(m, nn.Conv2d)
         return conv_grads.write_clipped(m, per, e.get("a"), e.get("g"), coef)
+    if isinstance(m, nn.GroupNorm):
+        for name, t in e.items():
+            p = getattr(m, name)
+            p.grad = (coef.to(t.dtype) @ t).to(p.dtype)
+        return
     if rule := bookkeeping_rule(m):
         return rule.write(m, e["a"], e["g"], coef)
     if isinstance(m, nn.Embedding):
@@ -87,6 +100,27 @@ def write_clipped(
     b = gc.sum(0) if bias is not None else None
     if b is not None and isinstance(bias, torch.Tensor) and bias.requires_grad:
         bias.grad = b.to(bias.dtype)
+
+
+def groupnorm_grads(
+    m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, rows_per_unit: int = 1
+) -> dict[str, torch.Tensor]:
+    """Per-unit gradients ``{"weight": [n, C], "bias": [n, C]}`` of a GroupNorm's trainable affine parameters, from
+    its input ``a`` [rows, C, *] and output gradient ``g``: ``xhat`` is each row's own normalisation (statistics over
+    its C/G channels and positions, as the layer's forward), ``dweight_c = sum_pos g * xhat``, ``dbias_c = sum_pos
+    g``; a unit of ``rows_per_unit`` consecutive rows sums its rows'."""
+    rows, c = a.shape[:2]
+    grouped = a.reshape(rows, m.num_groups, -1)
+    mean = grouped.mean(2, keepdim=True)
+    var = grouped.var(2, unbiased=False, keepdim=True)
+    xhat = ((grouped - mean) * torch.rsqrt(var + m.eps)).reshape(a.shape)
+    out = {}
+    if m.weight is not None and m.weight.requires_grad:
+        out["weight"] = (g * xhat).reshape(rows, c, -1).sum(2)
+    if m.bias is not None and m.bias.requires_grad:
+        out["bias"] = g.reshape(rows, c, -1).sum(2)
+    k = rows_per_unit
+    return {name: t.reshape(rows // k, k, c).sum(1) for name, t in out.items()}
 
 
 def seq_sq_norm(a3: torch.Tensor, g3: torch.Tensor) -> torch.Tensor:
