@@ -254,6 +254,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    torch.backends.mkldnn.enabled = args.onednn == "on"
     timer = StepTimer(args.warmup, args.steps, profile=args.profile is not None)
     run = run_text if args.worker in TEXT_CONFIGS else _run_raw if args.worker.startswith("raw_") else _run_lightning
     extra = run(args, timer)
@@ -271,7 +272,7 @@ def worker(args: argparse.Namespace) -> None:
 def _spawn(args: argparse.Namespace, config: str, memory: bool, **override: Any) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--data", args.data]
     cmd += ["--accelerator", args.accelerator, "--precision", args.precision]
-    for name in ("batch_size", "steps", "warmup", "threads", "seed", "text_batch_size", "text_tokens"):
+    for name in ("batch_size", "steps", "warmup", "threads", "seed", "text_batch_size", "text_tokens", "onednn"):
         cmd += [f"--{name.replace('_', '-')}", str(override.get(name, getattr(args, name)))]
     fixed = {"MALLOC_MMAP_THRESHOLD_": "65536"} if memory else {}  # fixed threshold (also disables the dynamic one)
     return run_worker(cmd, args.threads, MARK, f"worker {config} failed", **fixed)
@@ -299,10 +300,18 @@ def main() -> None:
     p.add_argument("--text-steps", type=int, default=15, help="text models: timed steps")
     p.add_argument("--no-text", action="store_true", help="skip the BiLSTM/transformer configurations")
     p.add_argument("--text-only", action="store_true", help="only the BiLSTM/transformer configurations")
+    p.add_argument("--text-configs", default=None, help="--text-only: comma-separated subset of the text configs")
     p.add_argument("--no-opacus-lstm", action="store_true", help="skip Opacus' slow DPLSTM baseline")
     every = CONFIGS + TEXT_CONFIGS
     p.add_argument("--profile", choices=every, default=None, help="run one configuration under cProfile, no table")
     p.add_argument("--worker", choices=every, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--onednn",
+        choices=("on", "off"),
+        default="on",
+        help="off: torch.backends.mkldnn.enabled = False in every run (oneDNN keeps kernels per batch shape, and "
+        "Poisson batches vary in shape)",
+    )
     p.add_argument("--no-memory-runs", action="store_true", help="--configs: peaks from the timing runs")
     p.add_argument(
         "--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)} (must include nodp); no text"
@@ -367,6 +376,7 @@ def _bench_subset(args: argparse.Namespace, configs: list[str]) -> None:
         "train_size": runs["nodp"][0]["train_size"],
         "accelerator": args.accelerator,
         "precision": args.precision,
+        "onednn": args.onednn,
         "loadavg_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "total_s": round(time.perf_counter() - t0, 1),
     }
@@ -485,19 +495,23 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _bench_text(args: argparse.Namespace) -> dict[str, Any]:
     """The BiLSTM and MiniLM configurations (see bench_text.py): interleaved rounds, then memory runs."""
-    configs = [c for c in TEXT_CONFIGS if c != "bilstm_opacus_dp"]
+    chosen = args.text_configs.split(",") if args.text_configs else list(TEXT_CONFIGS)
+    if unknown := sorted(set(chosen) - set(TEXT_CONFIGS)):
+        raise SystemExit(f"--text-configs: unknown {unknown}; choose from {','.join(TEXT_CONFIGS)}")
+    configs = [c for c in TEXT_CONFIGS if c in chosen and c != "bilstm_opacus_dp"]
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in TEXT_CONFIGS}
     for r in range(args.repeats):
         for config in configs[r % len(configs) :] + configs[: r % len(configs)]:
             runs[config].append(_spawn(args, config, memory=args.quick, steps=args.text_steps))
             print(f"# round {r + 1}/{args.repeats} {config}: {runs[config][-1]['window_s']:.2f}s", file=sys.stderr)
-    if not (args.quick or args.no_opacus_lstm):
+    if not (args.quick or args.no_opacus_lstm) and "bilstm_opacus_dp" in chosen:
         runs["bilstm_opacus_dp"].append(
             _spawn(args, "bilstm_opacus_dp", memory=False, steps=OPACUS_DPLSTM_STEPS, warmup=1)
         )
     memory = {
         c: runs[c][0] if args.quick else _spawn(args, c, memory=True, steps=args.text_steps)
         for c in TEXT_MEMORY_CONFIGS
+        if c in configs
     }
     out = text_summary(runs, memory)
     b, t = args.text_batch_size, args.text_tokens

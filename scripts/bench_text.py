@@ -131,25 +131,33 @@ def text_summary(runs: dict[str, list[dict[str, Any]]], memory: dict[str, dict[s
     us = {c: 1e6 * statistics.median(r["ex_med_s"] for r in v) for c, v in runs.items() if v}
     best = {c: 1e6 * min(r["ex_med_s"] for r in v) for c, v in runs.items() if v}  # the least disturbed run
     peak = {c: m["peak_mb"] for c, m in memory.items()}
-    out: dict[str, Any] = {
-        "bilstm_dp_over_nondp_best": best["bilstm_dp"] / best["bilstm_nodp"],
-        "bilstm_dp_over_torch_lstm_nondp_best": best["bilstm_dp"] / best["bilstm_torch_nodp"],
-        "minilm_dp_over_nondp_best": best["minilm_dp"] / best["minilm_nodp"],
-        "bilstm_dp_over_nondp": us["bilstm_dp"] / us["bilstm_nodp"],
-        "bilstm_dp_over_torch_lstm_nondp": us["bilstm_dp"] / us["bilstm_torch_nodp"],
-        "bilstm_dp_mem_over_nondp": peak["bilstm_dp"] / peak["bilstm_nodp"],
-        "bilstm_dp_mem_over_torch_lstm_nondp": peak["bilstm_dp"] / peak["bilstm_torch_nodp"],
-        "bilstm_dp_hooks_over_nondp": us["bilstm_dp_hooks"] / us["bilstm_nodp"],
-        "minilm_dp_over_nondp": us["minilm_dp"] / us["minilm_nodp"],
-        "minilm_dp_mem_over_nondp": peak["minilm_dp"] / peak["minilm_nodp"],
-        "minilm_dp_bk_over_nondp": us["minilm_dp_bk"] / us["minilm_nodp"],
-        "minilm_dp_bk_mem_over_nondp": peak["minilm_dp_bk"] / peak["minilm_nodp"],
-        "text_us_per_example": {c: round(v, 1) for c, v in us.items()},
-        "text_ms_per_step": {
-            c: round(1e3 * statistics.median(r["step_med_s"] for r in v), 1) for c, v in runs.items() if v
-        },
-        "text_peak_mb": {c: round(v, 1) for c, v in peak.items()},
+    ratios = {  # name: (numerator, denominator, table): only those whose configurations ran
+        "bilstm_dp_over_nondp_best": ("bilstm_dp", "bilstm_nodp", best),
+        "bilstm_dp_over_torch_lstm_nondp_best": ("bilstm_dp", "bilstm_torch_nodp", best),
+        "minilm_dp_over_nondp_best": ("minilm_dp", "minilm_nodp", best),
+        "minilm_dp_bk_over_nondp_best": ("minilm_dp_bk", "minilm_nodp", best),
+        "bilstm_dp_over_nondp": ("bilstm_dp", "bilstm_nodp", us),
+        "bilstm_dp_over_torch_lstm_nondp": ("bilstm_dp", "bilstm_torch_nodp", us),
+        "bilstm_dp_mem_over_nondp": ("bilstm_dp", "bilstm_nodp", peak),
+        "bilstm_dp_mem_over_torch_lstm_nondp": ("bilstm_dp", "bilstm_torch_nodp", peak),
+        "bilstm_dp_hooks_over_nondp": ("bilstm_dp_hooks", "bilstm_nodp", us),
+        "minilm_dp_over_nondp": ("minilm_dp", "minilm_nodp", us),
+        "minilm_dp_mem_over_nondp": ("minilm_dp", "minilm_nodp", peak),
+        "minilm_dp_bk_over_nondp": ("minilm_dp_bk", "minilm_nodp", us),
+        "minilm_dp_bk_mem_over_nondp": ("minilm_dp_bk", "minilm_nodp", peak),
     }
+    out: dict[str, Any] = {
+        name: table[a] / table[b] for name, (a, b, table) in ratios.items() if a in table and b in table
+    }
+    out.update(
+        {
+            "text_us_per_example": {c: round(v, 1) for c, v in us.items()},
+            "text_ms_per_step": {
+                c: round(1e3 * statistics.median(r["step_med_s"] for r in v), 1) for c, v in runs.items() if v
+            },
+            "text_peak_mb": {c: round(v, 1) for c, v in peak.items()},
+        }
+    )
     if "bilstm_opacus_dp" in us:
         out["opacus_dplstm_dp_over_bilstm_dp"] = us["bilstm_opacus_dp"] / us["bilstm_dp"]
         out["opacus_dplstm_dp_over_torch_lstm_nondp"] = us["bilstm_opacus_dp"] / us["bilstm_torch_nodp"]

@@ -23,11 +23,16 @@ from dplit.privacy.transformer_rules import bookkeeping_rule
 def per_example(m: nn.Module, e: dict[str, torch.Tensor], rows_per_unit: int = 1) -> conv_grads.ConvPerExample | None:
     """Conv2d: its per-unit norms and gradients (:func:`dplit.privacy.conv_grads.conv_per_example`; a unit is
     ``rows_per_unit`` consecutive rows), its captures dropped from ``e`` when the clipped sum no longer needs them.
-    GroupNorm: ``e`` becomes its per-unit gradients (``groupnorm_grads``); None. Other layers: None."""
+    GroupNorm and the norm rules of :mod:`dplit.privacy.transformer_rules` (per-example gradients as small as the
+    parameters): ``e`` becomes those gradients, formed once (``STASH`` keys); None. Other layers: None."""
+    grads = None
     if isinstance(m, nn.GroupNorm):
         grads = groupnorm_grads(m, e["a"], e["g"], rows_per_unit)
+    elif (rule := bookkeeping_rule(m)) is not None and rule.per_example is not None:
+        grads = rule.per_example(m, e["a"], e["g"])  # units: already [U, K*T, ...] (to_units)
+    if grads is not None:
         e.clear()
-        e.update(grads)
+        e.update({STASH + name: t for name, t in grads.items()})
         return None
     if not isinstance(m, nn.Conv2d):
         return None
@@ -42,8 +47,8 @@ def sq_norm(m: nn.Module, e: dict[str, torch.Tensor], per: conv_grads.ConvPerExa
     ``per_example``). Per example of the captured (mean-loss) gradients: the caller rescales by ``n^2``."""
     if per is not None:
         return per.sq
-    if isinstance(m, nn.GroupNorm):  # e: its per-unit gradients (per_example)
-        return sum(t.pow(2).sum(1) for t in e.values())  # type: ignore[return-value]
+    if _stashed(e):  # e: the layer's per-unit gradients (per_example)
+        return sum(t.flatten(1).pow(2).sum(1) for t in e.values())  # type: ignore[return-value]
     if rule := bookkeeping_rule(m):
         return rule.sq_norm(m, e["a"], e["g"])
     if isinstance(m, nn.Embedding):
@@ -68,10 +73,10 @@ def write_clipped(
     if per is not None:
         assert isinstance(m, nn.Conv2d)
         return conv_grads.write_clipped(m, per, e.get("a"), e.get("g"), coef)
-    if isinstance(m, nn.GroupNorm):
-        for name, t in e.items():
-            p = getattr(m, name)
-            p.grad = (coef.to(t.dtype) @ t).to(p.dtype)
+    if _stashed(e):
+        for key, t in e.items():
+            p = getattr(m, key.removeprefix(STASH))
+            p.grad = torch.einsum("n,n...->...", coef.to(t.dtype), t).to(p.dtype)
         return
     if rule := bookkeeping_rule(m):
         return rule.write(m, e["a"], e["g"], coef)
@@ -100,6 +105,14 @@ def write_clipped(
     b = gc.sum(0) if bias is not None else None
     if b is not None and isinstance(bias, torch.Tensor) and bias.requires_grad:
         bias.grad = b.to(bias.dtype)
+
+
+STASH = "grad:"
+"""Key prefix of the per-example gradients ``per_example`` leaves in a layer's captures in place of ``a`` / ``g``."""
+
+
+def _stashed(e: dict[str, torch.Tensor]) -> bool:
+    return bool(e) and all(key.startswith(STASH) for key in e)
 
 
 def groupnorm_grads(

@@ -51,11 +51,8 @@ def seq_sq_norm(a3: Tensor, g3: Tensor) -> Tensor:
 
 def normalized(m: nn.Module, x: Tensor) -> Tensor:
     """``xhat`` of a LlamaRMSNorm / LayerNorm input ``x`` [n, ..., H], as the layer's forward computes it."""
-    if isinstance(m, nn.LayerNorm):
-        dims = tuple(range(-len(m.normalized_shape), 0))
-        mean = x.mean(dims, keepdim=True)
-        var = x.var(dims, unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + m.eps)
+    if isinstance(m, nn.LayerNorm):  # the layer's own fused kernel, without its affine part
+        return nn.functional.layer_norm(x, m.normalized_shape, None, None, m.eps)
     h = x.float()
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)).to(x.dtype)  # type: ignore[operator]
 
@@ -115,18 +112,23 @@ def _small_write(m: nn.Module, a: Tensor, g: Tensor, coef: Tensor) -> None:
 
 @dataclass(frozen=True)
 class BookKeepingRule:
-    """A book-keeping rule: ``sq_norm(m, a, g) -> [n]`` and ``write(m, a, g, coef)`` (``p.grad`` := clipped sum)."""
+    """A book-keeping rule: ``sq_norm(m, a, g) -> [n]`` and ``write(m, a, g, coef)`` (``p.grad`` := clipped sum).
+
+    ``per_example`` (layers whose per-example gradients are as small as their parameters): ``{name: [n, *shape]}``,
+    formed once per step by book-keeping, which then takes norms and the clipped sum from them.
+    """
 
     params: tuple[str, ...]
     sq_norm: Callable[[nn.Module, Tensor, Tensor], Tensor]
     write: Callable[[nn.Module, Tensor, Tensor, Tensor], None]
+    per_example: Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]] | None = None
 
 
 _CONV1D_RULE = BookKeepingRule(("weight", "bias"), _conv1d_sq_norm, _conv1d_write)
-_NORM_RULE = BookKeepingRule(("weight", "bias"), _small_sq_norm, _small_write)
+_NORM_RULE = BookKeepingRule(("weight", "bias"), _small_sq_norm, _small_write, per_example_grads)
 BOOKKEEPING: dict[tuple[str, str], BookKeepingRule] = {
     CONV1D: _CONV1D_RULE,
-    LLAMA_RMSNORM: BookKeepingRule(("weight",), _small_sq_norm, _small_write),
+    LLAMA_RMSNORM: BookKeepingRule(("weight",), _small_sq_norm, _small_write, per_example_grads),
     ("torch.nn.modules.normalization", "LayerNorm"): _NORM_RULE,
 }
 

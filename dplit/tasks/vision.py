@@ -27,8 +27,8 @@ class MultiViewClassificationTask(ClassificationTask):
     DP and non-DP updates share one scale. Evaluation batches are single images [B, C, H, W]. Several group
     attributes ([B, A] group ids) are fine: the privacy core counts units from the items.
 
-    Works with the per-sample backends ``hooks`` and ``functorch``; ``bookkeeping`` combines a unit's rows for its
-    Linear/Embedding/norm rules but refuses Conv2d with K > 1, and ``ghost`` refuses multi-row units. Arguments as
+    Works with the per-sample backends ``hooks``, ``functorch`` and ``bookkeeping`` (which combines a unit's rows in
+    every rule, Conv2d and GroupNorm included); ``ghost`` refuses multi-row units. Arguments as
     :class:`~dplit.tasks.ClassificationTask`.
     """
 
