@@ -246,7 +246,7 @@ class BookKeeping:
         n = _batch_size(*entries[0])
         k = self.rows_per_unit(n) if self.rows_per_unit is not None and n else 1
         if k > 1:  # a privacy unit's K rows clipped together: U examples of K*T positions (transformer_rules)
-            entries = [(m, _unit_entry(m, e, k, self.names[m])) for m, e in entries]
+            entries = [(m, _unit_entry(m, e, k)) for m, e in entries]
             n //= k
         if n == 0:  # an empty Poisson batch: the clipped sum is zero (the optimizer still adds the noise)
             for p in self.covered_parameters():
@@ -309,7 +309,7 @@ def _tied_pairs(layers: list[nn.Module]) -> list[tuple[nn.Embedding, nn.Module]]
     return [(embs[m.weight], m) for m in layers if isinstance(m, nn.Linear) and m.weight in embs]
 
 
-def _unit_entry(m: nn.Module, e: dict[str, torch.Tensor] | None, k: int, name: str) -> dict[str, torch.Tensor]:
+def _unit_entry(m: nn.Module, e: dict[str, torch.Tensor] | None, k: int) -> dict[str, torch.Tensor]:
     assert e is not None
     if isinstance(m, nn.Conv2d | nn.GroupNorm):
         return e  # rows kept: per_example sums a unit's K rows (its rows_per_unit)

@@ -123,10 +123,7 @@ def groupnorm_grads(
     its C/G channels and positions, as the layer's forward), ``dweight_c = sum_pos g * xhat``, ``dbias_c = sum_pos
     g``; a unit of ``rows_per_unit`` consecutive rows sums its rows'."""
     rows, c = a.shape[:2]
-    grouped = a.reshape(rows, m.num_groups, -1)
-    mean = grouped.mean(2, keepdim=True)
-    var = grouped.var(2, unbiased=False, keepdim=True)
-    xhat = ((grouped - mean) * torch.rsqrt(var + m.eps)).reshape(a.shape)
+    xhat = nn.functional.group_norm(a, m.num_groups, None, None, m.eps)  # the layer's own kernel, no affine part
     out = {}
     if m.weight is not None and m.weight.requires_grad:
         out["weight"] = (g * xhat).reshape(rows, c, -1).sum(2)
