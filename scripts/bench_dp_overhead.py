@@ -144,10 +144,15 @@ class StepTimer:
             raise RuntimeError(f"only {len(self.starts)} steps ran, need {w + s + 1}")
         timed = range(w, w + s)
         cycles = [(self.starts[i + 1] - self.starts[i], self.sizes[i]) for i in timed]  # full step cycles
+        # oneDNN builds kernels per input shape on a batch size's first visit (~15% of a step on the CNN); a long
+        # run meets each Poisson batch size many times, so the steps whose size came before are its steady state
+        seen = [(t, n) for i, (t, n) in zip(timed, cycles, strict=True) if n > 0 and n in self.sizes[:i]]
         return {
             # Median over steps: a burst of load from other processes spoils a few steps, not the estimate.
             "step_med_s": statistics.median(t for t, _ in cycles),
             "ex_med_s": statistics.median(t / n for t, n in cycles if n > 0),
+            "ex_med_seen_s": statistics.median(t / n for t, n in seen) if seen else None,
+            "new_size_steps": len(cycles) - len(seen),
             "window_s": self.starts[w + s] - self.starts[w],
             "cpu_s": self.cpu[w + s] - self.cpu[w],
             "instep_s": sum(self.ends[i] - self.starts[i] for i in timed),
@@ -350,6 +355,7 @@ def _bench_subset(args: argparse.Namespace, configs: list[str]) -> None:
     # memory: one run each with the fixed mmap threshold; --no-memory-runs: the timing runs' peaks (default malloc)
     memory = {c: runs[c][0] if args.no_memory_runs else _spawn(args, c, memory=True) for c in configs}
     per_ex = {c: [1e6 * run["ex_med_s"] for run in runs[c]] for c in configs}
+    seen_ex = {c: [1e6 * (run["ex_med_seen_s"] or float("nan")) for run in runs[c]] for c in configs}
     cpu_ex = {c: [1e6 * run["cpu_s"] / run["examples"] for run in runs[c]] for c in configs}
     # each round's ratio uses that round's nodp run (interleaved, so both saw the same load)
     ratio = {c: [a / b for a, b in zip(per_ex[c], per_ex["nodp"], strict=True)] for c in configs}
@@ -359,6 +365,12 @@ def _bench_subset(args: argparse.Namespace, configs: list[str]) -> None:
         "us_per_example": {c: [round(v, 1) for v in per_ex[c]] for c in configs},
         "time_over_nodp_per_round": {c: [round(v, 3) for v in ratio[c]] for c in configs},
         "time_over_nodp_median": {c: round(statistics.median(ratio[c]), 3) for c in configs},
+        # the same on the timed steps whose batch size an earlier step had (see StepTimer.result); NaN: none had
+        "seen_size_over_nodp_median": {
+            c: round(statistics.median(a / b for a, b in zip(seen_ex[c], per_ex["nodp"], strict=True)), 3)
+            for c in configs
+        },
+        "new_size_steps_per_round": {c: [run["new_size_steps"] for run in runs[c]] for c in configs},
         "cpu_over_nodp_per_round": {c: [round(v, 3) for v in cpu_ratio[c]] for c in configs},
         # time between steps (loading and collating the next batch, Lightning's loop) as a share of the step cycle
         "between_steps_share": {

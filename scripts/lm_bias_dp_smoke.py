@@ -57,8 +57,10 @@ def main() -> None:
     for i, (units, seconds, loss) in enumerate(timer.rows):
         print(f"step {i}: {units} units (x2 rows, {args.block} tokens), {seconds:.1f} s, loss {loss:.3f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"mode {args.mode}, finetune {args.finetune}: accounted steps {dp.accountant.steps}, "
-          f"epsilon {dp.epsilon:.3f}, peak RSS {peak:.1f} GiB, torch threads {torch.get_num_threads()}")
+    print(
+        f"mode {args.mode}, finetune {args.finetune}: accounted steps {dp.accountant.steps}, "
+        f"epsilon {dp.epsilon:.3f}, peak RSS {peak:.1f} GiB, torch threads {torch.get_num_threads()}"
+    )
 
 
 if __name__ == "__main__":

@@ -224,9 +224,7 @@ def test_events_of_one_step_compose_like_dp_accounting():
     acc.record([(2.0, 1.0)])
     acc.record([])
     assert acc.steps == 52
-    event = ComposedDpEvent(
-        [poisson_event(0.02, 1.1, 1), poisson_event(0.02, 4.0, 1)] * 50 + [GaussianDpEvent(2.0)]
-    )
+    event = ComposedDpEvent([poisson_event(0.02, 1.1, 1), poisson_event(0.02, 4.0, 1)] * 50 + [GaussianDpEvent(2.0)])
     assert acc.epsilon(DELTA) == pytest.approx(reference_epsilon(event), rel=1e-6)
     assert acc.epsilon_with([(2.0, 1.0, 3)], DELTA) == pytest.approx(
         reference_epsilon(ComposedDpEvent([event, SelfComposedDpEvent(GaussianDpEvent(2.0), 3)])), rel=1e-6

@@ -73,7 +73,7 @@ CROWS_HEADER = ",sent_more,sent_less,stereo_antistereo,bias_type,annotations,ano
 
 def test_crows_pairs_reader_and_errors(tmp_path: Path):
     path = tmp_path / "crows_pairs_anonymized.csv"
-    first = "0,\"He cried, a lot.\",She cried.,antistereo,gender,\"[['gender']]\",a0,\"['a1']\"\n"
+    first = '0,"He cried, a lot.",She cried.,antistereo,gender,"[[\'gender\']]",a0,"[\'a1\']"\n'
     second = "1,Poor people steal.,Rich people steal.,stereo,socioeconomic,[],a1,[]\n"
     path.write_text(CROWS_HEADER + first + second)
     pairs = read_crows_pairs(path)

@@ -219,3 +219,84 @@ def test_units_of_k_rows_match_the_sum_of_their_rows_autograd_gradients(case, mo
                 torch.testing.assert_close(p.grad, torch.einsum("n,n...->...", coef, ref[name]))
     with pytest.raises(ValueError, match="units of 5 rows"):
         conv_per_example(m, a, g, rows_per_unit=5)
+
+
+@pytest.mark.parametrize("k", [1, 3], ids=["examples", "units-of-3"])
+@pytest.mark.parametrize("chunk", ["whole", "one-unit"])
+def test_deferred_weights_get_norms_and_clipped_sums_in_one_pass(k, chunk, monkeypatch):
+    """conv_per_example(defer=True) forms nothing for a weight it would otherwise recompute; clip_deferred then forms
+    each chunk's per-unit gradients once, completes the norms and writes the clipped sums: equal to vmap autograd
+    (rows summed per unit), the per-unit factor min(1, C / norm) taken from the whole-model norm."""
+    torch.manual_seed(7)
+    units = 5
+    layers = [  # per-example gradients larger than the captures, no ghost norms: deferred (units: keep=False)
+        (nn.Conv2d(4, 8, 3).double(), (6, 6)),
+        (nn.Conv2d(3, 32, 3, stride=2, padding=1, padding_mode="reflect").double(), (8, 8)),
+    ]
+    rows = []
+    formed = []
+    real = conv_grads.per_example_weight_grads
+    monkeypatch.setattr(conv_grads, "per_example_weight_grads", lambda m, a, g: formed.append(len(a)) or real(m, a, g))
+    if chunk == "one-unit":
+        monkeypatch.setattr(conv_grads, "CHUNK_BYTES", 1)
+    for m, (h, w) in layers:
+        a = torch.randn(units * k, m.in_channels, h, w, dtype=torch.double)
+        g = torch.randn_like(m(a))
+        per = conv_per_example(m, a, g, keep=False if k > 1 else None, rows_per_unit=k, defer=True)
+        assert per.deferred and not per.recompute and per.weight is None
+        ref = {n: t.reshape(units, k, *t.shape[1:]).sum(1) for n, t in _reference(m, a, g).items()}
+        rows.append((m, a, g, per, ref))
+    assert not formed  # nothing formed before the norms of the other layers are known
+    scale = 4.0
+    other = torch.rand(units, dtype=torch.double)  # the rest of the model's squared norms (already scaled)
+    sq = other + sum(per.sq.double() for _, _, _, per, _ in rows) * scale  # the biases' norms
+    c = 0.5
+
+    def coef_of(s: torch.Tensor) -> torch.Tensor:
+        return (c / (s.sqrt() + 1e-6)).clamp(max=1.0)
+
+    conv_grads.clip_deferred([(m, a, g) for m, a, g, _, _ in rows], sq, scale, coef_of, rows_per_unit=k)
+    expected_sq = other + scale * sum(sum(t.flatten(1).pow(2).sum(1) for t in ref.values()) for *_, ref in rows)
+    torch.testing.assert_close(sq, expected_sq)
+    coef = coef_of(expected_sq)
+    assert (coef < 1).sum() >= 2  # the factors matter
+    for m, _, _, _, ref in rows:
+        torch.testing.assert_close(m.weight.grad, torch.einsum("n,n...->...", coef, ref["weight"]))
+    assert sum(formed) == 2 * units * k  # every row's gradient formed once per layer: no recomputation
+
+
+@pytest.mark.parametrize("algorithm_factors", [False, True], ids=["dpsgd", "algorithm-factors"])
+def test_bookkeeping_defers_a_large_conv_only_without_an_algorithms_factors(algorithm_factors, monkeypatch):
+    """Plain DP-SGD: a conv whose per-example gradients are larger than its captures is clipped in one pass
+    (clip_deferred); with a DP algorithm's factors (which may depend on the whole batch) it is recomputed instead.
+    Both equal per-example autograd's clipped sum."""
+    torch.manual_seed(11)
+    net = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),  # [8, 8, 8] -> [16, 4, 4]: 1,152 weights an example > a + g
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(256, 2),
+    ).double()
+    x = torch.randn(7, 2, 8, 8, dtype=torch.double)
+    y = torch.randn(7, 2, dtype=torch.double) * torch.logspace(-2, 2, 7, dtype=torch.double)[:, None]
+    c = 0.05
+    expected = _per_example_clipped_sum(net, x, y, c)
+    deferred = []
+    real = conv_grads.clip_deferred
+    monkeypatch.setattr(
+        "dplit.privacy.bookkeeping.clip_deferred", lambda layers, *rest: deferred.extend(layers) or real(layers, *rest)
+    )
+    bk = BookKeeping(net, max_grad_norm=c)
+    if algorithm_factors:
+        bk.clip_factors = lambda norms: (c / (norms + 1e-6)).clamp(max=1.0)
+    try:
+        F.mse_loss(net(x), y).backward()
+        bk.clip_into_grad()
+    finally:
+        bk.remove_hooks()
+    assert [m for m, _, _ in deferred] == ([] if algorithm_factors else [net[2]])
+    got = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    torch.testing.assert_close(got, expected)
+    assert (bk.last_norms > c).sum() >= 3

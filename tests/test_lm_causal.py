@@ -163,7 +163,7 @@ def test_validation_logs_per_group_loss_ppl_and_accuracy_by_hand(tmp_path: Path)
         for i in range(len(val)):
             ids, labels, g = val[i]
             n = int((labels[0, 1:] != -100).sum())
-            logits = task.backbone(ids)[0, : n]  # positions 0..n-1 predict tokens 1..n
+            logits = task.backbone(ids)[0, :n]  # positions 0..n-1 predict tokens 1..n
             logp = logits.log_softmax(-1)
             nll[int(g)] -= float(logp.gather(1, ids[0, 1 : n + 1, None]).sum())
             hits[int(g)] += int((logits.argmax(-1) == ids[0, 1 : n + 1]).sum())

@@ -56,8 +56,13 @@ def _backbone(kind: str) -> nn.Module:
 
 @pytest.mark.parametrize(
     ("mode", "kind"),
-    [("hooks", "linear"), ("functorch", "linear"), ("hooks", "conv"), ("bookkeeping", "linear"),
-     ("bookkeeping", "conv")],  # fmt: skip
+    [
+        ("hooks", "linear"),
+        ("functorch", "linear"),
+        ("hooks", "conv"),
+        ("bookkeeping", "linear"),
+        ("bookkeeping", "conv"),
+    ],  # fmt: skip
 )
 def test_an_items_views_together_move_the_model_by_at_most_c(tmp_path, mode, kind):
     root = write_cifar_pickles(tmp_path, "cifar10", 1, 1)

@@ -185,4 +185,3 @@ class GroupedDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test examples, each evaluated once, also under DDP."""
         return eval_dataloader(self.splits()["test"], self.eval_batch_size, self.num_workers)
-

@@ -94,9 +94,9 @@ class StereoSetItem:
     unrelated: str
 
 
-def read_stereoset(path: str | Path, task: Literal["intrasentence", "intersentence"] = "intrasentence") -> list[
-    StereoSetItem
-]:
+def read_stereoset(
+    path: str | Path, task: Literal["intrasentence", "intersentence"] = "intrasentence"
+) -> list[StereoSetItem]:
     """Items of one StereoSet task from ``dev.json`` (``{"version", "data": {task: [item, ...]}}``), file order.
 
     Intrasentence sentences are the whole filled-in sentence; intersentence ones follow the ``context``.

@@ -146,7 +146,7 @@ def read_chexpert_csv(path: Path, root: Path, labels: list[str], uncertain: str,
             values = [_label(row[name] or "", uncertain, blank) for name in labels]
             patient = _PATIENT.search(row["Path"] or "")
             age_cell = (row["Age"] or "").strip()
-            if (None in values or row["Sex"] not in SEXES or not age_cell.isdigit() or patient is None):
+            if None in values or row["Sex"] not in SEXES or not age_cell.isdigit() or patient is None:
                 bad.append(",".join(str(v) for v in row.values()))
                 continue
             files.append(resolve_image(root, row["Path"]))

@@ -80,7 +80,7 @@ def read_jsonl(path: str | Path, text_field: str = "text", group_field: str | No
             raise BenchmarkFormatError(
                 f"{path}, line {number}: not a JSON object with a string {text_field!r}"
                 + (f" and {group_field!r}" if group_field else "")
-                + f" ({type(err).__name__}: {err}). Fix: one object a line, e.g. {{\"{text_field}\": \"...\"}}."
+                + f' ({type(err).__name__}: {err}). Fix: one object a line, e.g. {{"{text_field}": "..."}}.'
             ) from None
         if not isinstance(text, str):
             raise BenchmarkFormatError(f"{path}, line {number}: {text_field!r} is {type(text).__name__}, not a string")

@@ -34,7 +34,7 @@ from torch import nn
 
 from dplit.models.lstm import LSTMScan
 from dplit.privacy.bookkeeping_rules import per_example, sq_norm, write_clipped
-from dplit.privacy.conv_grads import ConvPerExample
+from dplit.privacy.conv_grads import ConvPerExample, clip_deferred
 from dplit.privacy.coverage import UncoveredParameterError
 from dplit.privacy.lstm_rules import GateCapture
 from dplit.privacy.precision import widen
@@ -256,22 +256,29 @@ class BookKeeping:
             return
         per_layer: list[tuple[Any, dict[str, torch.Tensor], ConvPerExample | None]] = []
         sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
+        # a DP algorithm's factors may depend on the whole batch's norms: no Conv2d weight is then deferred
+        defer = self.clip_factors is None
         for m, e in entries:
             assert e is not None
             # the loss is a mean over the n examples: each example's own gradient is n * (its share); every rule
             # is linear in g, so the factor goes on the squared norms (n^2) and the clip factors (n), not on g
-            per = per_example(m, e, k)  # Conv2d: per-unit norms and gradients (may drop e's captures); else None
+            per = per_example(m, e, k, defer)  # Conv2d: per-unit norms and gradients (may drop e's captures)
             sq_norms += sq_norm(m, e, per).double() * (n * n)
             per_layer.append((m, e, per))
         captured = dict(entries)
         for emb, head in self._tied:  # |G_emb + G_head|^2 = |G_emb|^2 + |G_head|^2 + 2 <G_emb, G_head>
             sq_norms += tied_cross_sq(emb, captured[emb], captured[head]).double() * (n * n)  # type: ignore[arg-type]
+        deferred = [(m, e["a"], e["g"]) for m, e, per in per_layer if per is not None and per.deferred]
+        clip_deferred(deferred, sq_norms, n * n, lambda sq: self._coef(sq.clamp(min=0).sqrt(), dtype) * n, k)
+        for m, e, per in per_layer:
+            if per is not None and per.deferred:
+                e.clear()  # the weight's clipped sum is written; the bias needs only per.bias
         norms = sq_norms.clamp(min=0).sqrt()
         self.last_norms = norms.float()
         if self.clip_factors is not None:  # a DP algorithm's factors (one per unit; checked by the caller)
             coef = self.clip_factors(norms).to(dtype)
         else:
-            coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0).to(dtype)  # [n]
+            coef = self._coef(norms, dtype)  # [n]
         coef = coef * n  # applied to the captured (mean-loss) gradients: see above
         shared: list[torch.Tensor] = [emb.weight for emb, _ in self._tied]
         for w in shared:
@@ -282,6 +289,10 @@ class BookKeeping:
             for w, g in before:  # a tied weight's clipped sum: both uses' contributions
                 w.grad = w.grad + g  # type: ignore[operator]
         self.batches_clipped += 1
+
+    def _coef(self, norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """DP-SGD's clip factors ``min(1, C / norm)``, elementwise (the same values chunk by chunk or at once)."""
+        return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0).to(dtype)
 
 
 class _OutputTap(torch.autograd.Function):

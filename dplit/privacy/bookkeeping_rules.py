@@ -20,11 +20,14 @@ from dplit.privacy import conv_grads
 from dplit.privacy.transformer_rules import bookkeeping_rule
 
 
-def per_example(m: nn.Module, e: dict[str, torch.Tensor], rows_per_unit: int = 1) -> conv_grads.ConvPerExample | None:
+def per_example(
+    m: nn.Module, e: dict[str, torch.Tensor], rows_per_unit: int = 1, defer: bool = False
+) -> conv_grads.ConvPerExample | None:
     """Conv2d: its per-unit norms and gradients (:func:`dplit.privacy.conv_grads.conv_per_example`; a unit is
     ``rows_per_unit`` consecutive rows), its captures dropped from ``e`` when the clipped sum no longer needs them.
     GroupNorm and the norm rules of :mod:`dplit.privacy.transformer_rules` (per-example gradients as small as the
-    parameters): ``e`` becomes those gradients, formed once (``STASH`` keys); None. Other layers: None."""
+    parameters): ``e`` becomes those gradients, formed once (``STASH`` keys); None. Other layers: None.
+    ``defer``: a Conv2d's weight may be left to :func:`dplit.privacy.conv_grads.clip_deferred` (its ``deferred``)."""
     grads = None
     if isinstance(m, nn.GroupNorm):
         grads = groupnorm_grads(m, e["a"], e["g"], rows_per_unit)
@@ -36,8 +39,8 @@ def per_example(m: nn.Module, e: dict[str, torch.Tensor], rows_per_unit: int = 1
         return None
     if not isinstance(m, nn.Conv2d):
         return None
-    per = conv_grads.conv_per_example(m, e["a"], e["g"], rows_per_unit=rows_per_unit)
-    if not per.recompute:
+    per = conv_grads.conv_per_example(m, e["a"], e["g"], rows_per_unit=rows_per_unit, defer=defer)
+    if not (per.recompute or per.deferred):
         e.clear()  # free the layer's input and output gradient now (the largest captures of a CNN)
     return per
 

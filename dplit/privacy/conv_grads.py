@@ -10,6 +10,7 @@ benchmarks (``scripts/bench_conv_grads.py``); both are exact (the same sums, in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ def per_example_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, met
 
 
 CHUNK_BYTES = 8 << 20
-"""Examples per chunk of the patch copy: about this many bytes of patches at a time (no slower than all at once)."""
+"""Units per chunk: about this many bytes of input patches and per-example weight gradients at a time."""
 
 
 @dataclass
@@ -100,10 +101,17 @@ class ConvPerExample:
     bias: torch.Tensor | None
     recompute: bool
     rows_per_unit: int = 1
+    deferred: bool = False
+    """The weight's norms are not in ``sq`` yet: :func:`clip_deferred` forms them and the clipped sum in one pass."""
 
 
 def conv_per_example(
-    m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, keep: bool | None = None, rows_per_unit: int = 1
+    m: nn.Conv2d,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    keep: bool | None = None,
+    rows_per_unit: int = 1,
+    defer: bool = False,
 ) -> ConvPerExample:
     """Squared per-example gradient norms of ``m``'s trainable parameters, and what the clipped sum needs.
 
@@ -121,6 +129,10 @@ def conv_per_example(
     Privacy units of ``rows_per_unit`` = K consecutive rows (augmentation multiplicity, unit-major): a unit's weight
     gradient is the sum of its rows' (a conv gradient is a sum over output positions, so a unit is one example of
     K*L positions); norms, kept gradients and bias gradients are per unit ``[n / K]``.
+
+    ``defer``: where the weight's clipped sum would be recomputed from per-example gradients formed for their norms
+    only (neither kept nor ghost), form nothing here: ``deferred`` is set and :func:`clip_deferred` later forms each
+    chunk's per-example gradients once, for their norms and their clipped sum (no recomputation).
     """
     k = rows_per_unit
     if k < 1 or len(a) % k:
@@ -134,11 +146,10 @@ def conv_per_example(
     ghost = keep is not True and m.groups == 1 and k * positions * (d + out) < out * d
     if keep is None:
         keep = not ghost and units * out * d <= a.numel() + g.numel()
-    if train_weight:
-        per_unit_bytes = k * d * m.groups * positions * a.element_size()  # its patches
-        step = max(1, CHUNK_BYTES // max(1, per_unit_bytes))  # units a chunk
+    deferred = defer and train_weight and not ghost and not keep
+    if train_weight and not deferred:
         weight = g.new_empty(units, out, d) if keep else None
-        for i in range(0, units, step):
+        for i in range(0, units, step := _chunk_units(m, a, g, k)):
             rows = slice(i * k, min(units, i + step) * k)
             c = min(units, i + step) - i
             if ghost:  # a unit's K*L positions: [c, D, K*L] and [c, out, K*L]
@@ -148,9 +159,7 @@ def conv_per_example(
                 gram = torch.matmul(cols.transpose(1, 2), cols) * torch.matmul(gc.transpose(1, 2), gc)  # [c, KL, KL]
                 sq[i : i + c] = gram.sum((1, 2))
                 continue
-            w = per_example_weight_grads(m, a[rows], g[rows])  # [c*K, out, D]
-            if k > 1:
-                w = w.reshape(c, k, out, d).sum(1)
+            w = _unit_grads(m, a[rows], g[rows], k)  # [c, out, D]
             sq[i : i + c] = torch.linalg.vector_norm(w.flatten(1), dim=1).square()
             if weight is not None:
                 weight[i : i + c] = w
@@ -159,7 +168,57 @@ def conv_per_example(
         if k > 1:
             bias = bias.reshape(units, k, out).sum(1)
         sq += bias.square().sum(1)
-    return ConvPerExample(sq, weight, bias, recompute=train_weight and not keep, rows_per_unit=k)
+    recompute = train_weight and not keep and not deferred
+    return ConvPerExample(sq, weight, bias, recompute=recompute, rows_per_unit=k, deferred=deferred)
+
+
+def _chunk_units(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, k: int) -> int:
+    """Units per chunk: about ``CHUNK_BYTES`` of input patches (a unit's K rows of ``D * G`` values a position) and
+    per-row weight gradients (``out * D`` values a row)."""
+    d = m.weight[0].numel()
+    per_unit_bytes = k * d * (m.groups * g[0, 0].numel() + m.weight.shape[0]) * a.element_size()
+    return max(1, CHUNK_BYTES // max(1, per_unit_bytes))
+
+
+def _unit_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
+    """Weight gradients ``[c, out, D]`` of the ``c`` units of ``k`` consecutive rows in ``a`` / ``g``."""
+    w = per_example_weight_grads(m, a, g)  # [c*K, out, D]
+    return w.reshape(len(a) // k, k, *w.shape[1:]).sum(1) if k > 1 else w
+
+
+def clip_deferred(
+    layers: list[tuple[nn.Conv2d, torch.Tensor, torch.Tensor]],
+    sq_norms: torch.Tensor,
+    scale: float,
+    coef_of: Callable[[torch.Tensor], torch.Tensor],
+    rows_per_unit: int = 1,
+) -> None:
+    """The deferred Conv2d weights (``ConvPerExample.deferred``): norms and clipped sums in one pass over chunks.
+
+    ``layers``: each deferred layer with its captured input and output gradient. ``sq_norms`` [units] (float64)
+    holds every other parameter's squared norms, already times ``scale``; each chunk's weight norms (times
+    ``scale``) are added in place, so on return it is the whole model's. A unit's clip factor depends on its own
+    norm only (``coef_of``, elementwise: [c] squared norms -> [c] coefficients), so each chunk's clipped sum is
+    final once its norms are complete: ``weight.grad = sum over chunks of coef_chunk @ grads_chunk``. Peak memory
+    is the captures plus one chunk of every layer's gradients, as with recomputation, at half the products.
+    """
+    if not layers:
+        return
+    k = rows_per_unit
+    units = len(layers[0][1]) // k
+    step = max(1, min(_chunk_units(m, a, g, k) for m, a, g in layers) // len(layers))
+    sums = [torch.zeros(m.weight.shape[0], m.weight[0].numel(), dtype=g.dtype, device=g.device) for m, _, g in layers]
+    for i in range(0, units, step):
+        c = min(units, i + step) - i
+        rows = slice(i * k, (i + c) * k)
+        grads = [_unit_grads(m, a[rows], g[rows], k).flatten(1) for m, a, g in layers]  # [c, out*D] each
+        for w in grads:
+            sq_norms[i : i + c] += torch.linalg.vector_norm(w, dim=1).square().double() * scale
+        coef = coef_of(sq_norms[i : i + c])
+        for total, w in zip(sums, grads, strict=True):
+            total.view(-1).addmv_(w.T, coef.to(w.dtype))
+    for (m, _, _), total in zip(layers, sums, strict=True):
+        m.weight.grad = total.reshape_as(m.weight).to(m.weight.dtype)
 
 
 def write_clipped(
@@ -185,4 +244,12 @@ def write_clipped(
         m.bias.grad = (coef.to(per.bias.dtype) @ per.bias).to(m.bias.dtype)
 
 
-__all__ = ["ConvPerExample", "conv_per_example", "padded_input", "patches", "per_example_weight_grads", "write_clipped"]
+__all__ = [
+    "ConvPerExample",
+    "clip_deferred",
+    "conv_per_example",
+    "padded_input",
+    "patches",
+    "per_example_weight_grads",
+    "write_clipped",
+]
