@@ -247,29 +247,32 @@ def test_deferred_weights_get_norms_and_clipped_sums_in_one_pass(k, chunk, monke
         ref = {n: t.reshape(units, k, *t.shape[1:]).sum(1) for n, t in _reference(m, a, g).items()}
         rows.append((m, a, g, per, ref))
     assert not formed  # nothing formed before the norms of the other layers are known
-    scale = 4.0
-    other = torch.rand(units, dtype=torch.double)  # the rest of the model's squared norms (already scaled)
-    sq = other + sum(per.sq.double() for _, _, _, per, _ in rows) * scale  # the biases' norms
+    scale = 2.0  # the captures are 1 / scale of each unit's gradient (a mean loss)
+    other = torch.rand(units, dtype=torch.double)  # the rest of the model's squared norms
+    sq = other + sum(per.sq.double() for _, _, _, per, _ in rows) * scale**2  # the biases' norms
     c = 0.5
 
-    def coef_of(s: torch.Tensor) -> torch.Tensor:
-        return (c / (s.sqrt() + 1e-6)).clamp(max=1.0)
+    def coef_of(norms: torch.Tensor) -> torch.Tensor:
+        return (c / (norms + 1e-6)).clamp(max=1.0)
 
-    conv_grads.clip_deferred([(m, a, g) for m, a, g, _, _ in rows], sq, scale, coef_of, rows_per_unit=k)
-    expected_sq = other + scale * sum(sum(t.flatten(1).pow(2).sum(1) for t in ref.values()) for *_, ref in rows)
+    used = conv_grads.clip_deferred([(m, a, g) for m, a, g, _, _ in rows], sq, scale, coef_of, rows_per_unit=k)
+    expected_sq = other + scale**2 * sum(sum(t.flatten(1).pow(2).sum(1) for t in ref.values()) for *_, ref in rows)
     torch.testing.assert_close(sq, expected_sq)
-    coef = coef_of(expected_sq)
+    coef = coef_of(expected_sq.sqrt())
+    torch.testing.assert_close(used, coef)
     assert (coef < 1).sum() >= 2  # the factors matter
     for m, _, _, _, ref in rows:
-        torch.testing.assert_close(m.weight.grad, torch.einsum("n,n...->...", coef, ref["weight"]))
+        torch.testing.assert_close(m.weight.grad, torch.einsum("n,n...->...", coef * scale, ref["weight"]))
     assert sum(formed) == 2 * units * k  # every row's gradient formed once per layer: no recomputation
 
 
-@pytest.mark.parametrize("algorithm_factors", [False, True], ids=["dpsgd", "algorithm-factors"])
-def test_bookkeeping_defers_a_large_conv_only_without_an_algorithms_factors(algorithm_factors, monkeypatch):
-    """Plain DP-SGD: a conv whose per-example gradients are larger than its captures is clipped in one pass
-    (clip_deferred); with a DP algorithm's factors (which may depend on the whole batch) it is recomputed instead.
-    Both equal per-example autograd's clipped sum."""
+@pytest.mark.parametrize("factors", ["own", "whole-batch", "elementwise", "elementwise-wrong"])
+def test_bookkeeping_defers_a_large_conv_only_to_elementwise_factors(factors, monkeypatch):
+    """A conv whose per-example gradients are larger than its captures is clipped in one pass (clip_deferred) with
+    book-keeping's own factors or a DP algorithm's declared elementwise ones; with only whole-batch factors it is
+    recomputed; if the elementwise factors differ from the batch's (a wrong declaration), the weight is recomputed
+    with the batch's. Every case equals per-example autograd's clipped sum, and the batch's factors are asked for
+    exactly once."""
     torch.manual_seed(11)
     net = nn.Sequential(
         nn.Conv2d(2, 8, 3, padding=1),
@@ -283,20 +286,31 @@ def test_bookkeeping_defers_a_large_conv_only_without_an_algorithms_factors(algo
     y = torch.randn(7, 2, dtype=torch.double) * torch.logspace(-2, 2, 7, dtype=torch.double)[:, None]
     c = 0.05
     expected = _per_example_clipped_sum(net, x, y, c)
-    deferred = []
-    real = conv_grads.clip_deferred
+    deferred, recomputed, asked = [], [], []
+    real_defer, real_recompute = conv_grads.clip_deferred, conv_grads.recompute_weight
     monkeypatch.setattr(
-        "dplit.privacy.bookkeeping.clip_deferred", lambda layers, *rest: deferred.extend(layers) or real(layers, *rest)
+        "dplit.privacy.bookkeeping.clip_deferred",
+        lambda layers, *rest: deferred.extend(layers) or real_defer(layers, *rest),
+    )
+    monkeypatch.setattr(
+        "dplit.privacy.bookkeeping.recompute_weight", lambda m, *rest: recomputed.append(m) or real_recompute(m, *rest)
     )
     bk = BookKeeping(net, max_grad_norm=c)
-    if algorithm_factors:
-        bk.clip_factors = lambda norms: (c / (norms + 1e-6)).clamp(max=1.0)
+    flat = lambda norms: (c / (norms + 1e-6)).clamp(max=1.0)  # noqa: E731
+    if factors != "own":
+        bk.clip_factors = lambda norms: asked.append(len(norms)) or flat(norms)
+    if factors == "elementwise":
+        bk.chunk_factors = flat
+    if factors == "elementwise-wrong":
+        bk.chunk_factors = lambda norms: torch.ones_like(norms)  # not the batch's factors: no clipping at all
     try:
         F.mse_loss(net(x), y).backward()
         bk.clip_into_grad()
     finally:
         bk.remove_hooks()
-    assert [m for m, _, _ in deferred] == ([] if algorithm_factors else [net[2]])
+    assert [m for m, _, _ in deferred] == ([] if factors == "whole-batch" else [net[2]])
+    assert recomputed == ([net[2]] if factors == "elementwise-wrong" else [])  # whole-batch: write_clipped's own
+    assert asked == ([] if factors == "own" else [7])
     got = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
     torch.testing.assert_close(got, expected)
     assert (bk.last_norms > c).sum() >= 3

@@ -12,7 +12,7 @@ from vision_fixtures import write_cifar_pickles
 
 from dplit.callbacks import DifferentialPrivacy
 from dplit.data.cifar import CIFARDataModule
-from dplit.tasks import MultiViewClassificationTask
+from dplit.tasks import ClassificationTask, MultiViewClassificationTask
 
 C, K = 1.0, 3
 
@@ -116,3 +116,54 @@ def test_utkface_faces_k_views_are_one_unit(utkface_root, tmp_path):
     torch.testing.assert_close(update, unit * C / unit.norm(), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="augment"):
         UTKFaceDataModule(augmentation_multiplicity=2, augment=False)
+
+
+class RecordingSingle(ClassificationTask):
+    def training_step(self, batch, batch_idx):
+        self.seen = batch[0].clone()
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("algorithm", ["dpsgd", "automatic_clipping"])
+def test_a_wide_conv_is_clipped_in_one_pass_under_dpsgd_only(tmp_path, algorithm, monkeypatch):
+    """Book-keeping through the DP callback: DP-SGD's elementwise factors let a conv with per-example gradients
+    larger than its captures be clipped chunk by chunk (clip_deferred); a mitigation's factors do not. The DP-SGD
+    update equals the clipped per-example autograd gradients summed over the (q = 1) batch."""
+    import dplit.privacy.bookkeeping as bookkeeping
+
+    deferred = []
+    real = bookkeeping.clip_deferred
+    monkeypatch.setattr(
+        bookkeeping, "clip_deferred", lambda layers, *rest: deferred.extend(layers) or real(layers, *rest)
+    )
+    root = write_cifar_pickles(tmp_path, "cifar10", 1, 1)
+    dm = CIFARDataModule(root=str(root), format="pickle", val_size=5, resize=8, crop=8, augment=False, batch_size=4,
+                         limit_train=4)  # fmt: skip
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(  # the second conv: 1,152 weights an example against 512 + 256 captured values
+            nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(),
+            nn.Flatten(), nn.Linear(256, 10),
+        )  # fmt: skip
+
+    backbone = net()
+    task = RecordingSingle(backbone, optimizer=partial(torch.optim.SGD, lr=1.0))
+    before = [p.detach().clone() for p in backbone.parameters()]
+    dp = DifferentialPrivacy(
+        noise_multiplier=1e-9, max_grad_norm=C, grad_sample_mode="bookkeeping", algorithm=algorithm
+    )
+    trainer(tmp_path, [dp], max_steps=1).fit(task, datamodule=dm)
+    assert [type(m).__name__ for m, _, _ in deferred] == (["Conv2d"] if algorithm == "dpsgd" else [])
+    if algorithm != "dpsgd":
+        return
+    update = torch.cat([(b - a).reshape(-1) for b, a in zip(before, backbone.parameters(), strict=True)])
+    ref = net()
+    y = dm.splits()["train"].y[:4]
+    clipped = []
+    for i in range(4):
+        loss = nn.functional.cross_entropy(ref(task.seen[i : i + 1]), y[i : i + 1])
+        grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(ref.parameters()))])
+        clipped.append(grad * min(1.0, C / (grad.norm().item() + 1e-6)))
+    assert len(task.seen) == 4
+    torch.testing.assert_close(update, sum(clipped) / 4, rtol=1e-4, atol=1e-6)  # the mean over q * N = 4

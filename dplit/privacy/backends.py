@@ -30,6 +30,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch import nn
 
 from dplit.privacy import grad_samplers  # noqa: F401  (registers dplit's Opacus rules)
+from dplit.privacy.algorithms import DPAlgorithm
 from dplit.privacy.bookkeeping import BookKeeping
 from dplit.privacy.config import PrivacyConfig
 from dplit.privacy.coverage import RepeatedUseGuard
@@ -303,6 +304,9 @@ class BookKeepingBackend(PerSampleBackend):
         controller = optimizer.dplit_controller  # the DP algorithm's factors, unit checks
         self.bk.clip_factors = controller.factors
         self.bk.rows_per_unit = controller.rows_per_unit
+        algorithm = controller.algorithm
+        if type(algorithm).clip_factors is DPAlgorithm.clip_factors:  # DP-SGD's min(1, C / norm): elementwise
+            self.bk.chunk_factors = lambda norms: algorithm.clip_factors(norms, None)
 
     def after_backward(self) -> None:
         self.bk.clip_into_grad(empty=self.empty_batch())  # p.grad := sum of clipped per-example gradients

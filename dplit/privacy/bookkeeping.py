@@ -34,7 +34,7 @@ from torch import nn
 
 from dplit.models.lstm import LSTMScan
 from dplit.privacy.bookkeeping_rules import per_example, sq_norm, write_clipped
-from dplit.privacy.conv_grads import ConvPerExample, clip_deferred
+from dplit.privacy.conv_grads import ConvPerExample, clip_deferred, recompute_weight
 from dplit.privacy.coverage import UncoveredParameterError
 from dplit.privacy.lstm_rules import GateCapture
 from dplit.privacy.precision import widen
@@ -121,6 +121,11 @@ class BookKeeping:
         self.max_grad_norm = max_grad_norm
         self.clip_factors: Callable[[torch.Tensor], torch.Tensor] | None = None
         """Per-example factors from pre-clipping norms (a DP algorithm's); None: min(1, C / norm)."""
+        self.chunk_factors: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """With ``clip_factors``: the same factors computed elementwise (each unit's from its own norm), which lets a
+        large Conv2d's weight be clipped chunk by chunk (``clip_deferred``); None: no such shortcut. The factors used
+        are checked against ``clip_factors``' (called once, on the whole batch) and the weight recomputed if they
+        differ."""
         self.rows_per_unit: Callable[[int], int] | None = None
         self.names = {m: name or "<root>" for name, m in module.named_modules()}
         self.layers = [m for m in module.modules() if (type(m) in RULES or bookkeeping_rule(m)) and _trainable(m)]
@@ -256,8 +261,9 @@ class BookKeeping:
             return
         per_layer: list[tuple[Any, dict[str, torch.Tensor], ConvPerExample | None]] = []
         sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
-        # a DP algorithm's factors may depend on the whole batch's norms: no Conv2d weight is then deferred
-        defer = self.clip_factors is None
+        # a DP algorithm's factors may depend on the whole batch: a Conv2d weight is deferred only to elementwise ones
+        elementwise = (lambda norms: self._coef(norms, dtype)) if self.clip_factors is None else self.chunk_factors
+        defer = elementwise is not None
         for m, e in entries:
             assert e is not None
             # the loss is a mean over the n examples: each example's own gradient is n * (its share); every rule
@@ -269,16 +275,21 @@ class BookKeeping:
         for emb, head in self._tied:  # |G_emb + G_head|^2 = |G_emb|^2 + |G_head|^2 + 2 <G_emb, G_head>
             sq_norms += tied_cross_sq(emb, captured[emb], captured[head]).double() * (n * n)  # type: ignore[arg-type]
         deferred = [(m, e["a"], e["g"]) for m, e, per in per_layer if per is not None and per.deferred]
-        clip_deferred(deferred, sq_norms, n * n, lambda sq: self._coef(sq.clamp(min=0).sqrt(), dtype) * n, k)
-        for m, e, per in per_layer:
-            if per is not None and per.deferred:
-                e.clear()  # the weight's clipped sum is written; the bias needs only per.bias
+        used = None
+        if elementwise is not None:  # a large conv's weight: norms and clipped sum in one pass (deferred)
+            used = clip_deferred(deferred, sq_norms, n, lambda norms: elementwise(norms).to(dtype), k)
         norms = sq_norms.clamp(min=0).sqrt()
         self.last_norms = norms.float()
         if self.clip_factors is not None:  # a DP algorithm's factors (one per unit; checked by the caller)
             coef = self.clip_factors(norms).to(dtype)
         else:
             coef = self._coef(norms, dtype)  # [n]
+        if used is not None and not torch.equal(used, coef):  # not the factors the chunks used: recompute them
+            for m, a, g in deferred:
+                recompute_weight(m, a, g, coef * n, k)
+        for m, e, per in per_layer:
+            if per is not None and per.deferred:
+                e.clear()  # the weight's clipped sum is written; the bias needs only per.bias
         coef = coef * n  # applied to the captured (mean-loss) gradients: see above
         shared: list[torch.Tensor] = [emb.weight for emb, _ in self._tied]
         for w in shared:

@@ -192,33 +192,48 @@ def clip_deferred(
     scale: float,
     coef_of: Callable[[torch.Tensor], torch.Tensor],
     rows_per_unit: int = 1,
-) -> None:
+) -> torch.Tensor | None:
     """The deferred Conv2d weights (``ConvPerExample.deferred``): norms and clipped sums in one pass over chunks.
 
-    ``layers``: each deferred layer with its captured input and output gradient. ``sq_norms`` [units] (float64)
-    holds every other parameter's squared norms, already times ``scale``; each chunk's weight norms (times
-    ``scale``) are added in place, so on return it is the whole model's. A unit's clip factor depends on its own
-    norm only (``coef_of``, elementwise: [c] squared norms -> [c] coefficients), so each chunk's clipped sum is
-    final once its norms are complete: ``weight.grad = sum over chunks of coef_chunk @ grads_chunk``. Peak memory
-    is the captures plus one chunk of every layer's gradients, as with recomputation, at half the products.
+    ``layers``: each deferred layer with its captured input and output gradient, which are ``1 / scale`` of each
+    unit's own (a mean loss over ``scale`` units): norms and sums are of ``scale`` times the formed gradients.
+    ``sq_norms`` [units] (float64) holds every other parameter's squared norms (already whole); each chunk's weight
+    norms are added in place, so on return it is the whole model's. A unit's clip factor depends on its own norm
+    only (``coef_of``, elementwise: [c] norms -> [c] factors), so a chunk's clipped sum is final once its norms
+    are complete: ``weight.grad = sum over chunks of (scale * factors_chunk) @ grads_chunk``. Peak memory is the
+    captures plus one chunk of every layer's gradients, as with recomputation, at half the products.
+    Returns the factors used ``[units]`` (None: no layer), for the caller to check against the batch's.
     """
     if not layers:
-        return
+        return None
     k = rows_per_unit
     units = len(layers[0][1]) // k
     step = max(1, min(_chunk_units(m, a, g, k) for m, a, g in layers) // len(layers))
     sums = [torch.zeros(m.weight.shape[0], m.weight[0].numel(), dtype=g.dtype, device=g.device) for m, _, g in layers]
+    used = []
     for i in range(0, units, step):
         c = min(units, i + step) - i
         rows = slice(i * k, (i + c) * k)
         grads = [_unit_grads(m, a[rows], g[rows], k).flatten(1) for m, a, g in layers]  # [c, out*D] each
         for w in grads:
-            sq_norms[i : i + c] += torch.linalg.vector_norm(w, dim=1).square().double() * scale
-        coef = coef_of(sq_norms[i : i + c])
+            sq_norms[i : i + c] += torch.linalg.vector_norm(w, dim=1).square().double() * (scale * scale)
+        coef = coef_of(sq_norms[i : i + c].clamp(min=0).sqrt())
+        used.append(coef)
         for total, w in zip(sums, grads, strict=True):
-            total.view(-1).addmv_(w.T, coef.to(w.dtype))
+            total.view(-1).addmv_(w.T, coef.to(w.dtype) * scale)
     for (m, _, _), total in zip(layers, sums, strict=True):
         m.weight.grad = total.reshape_as(m.weight).to(m.weight.dtype)
+    return torch.cat(used)
+
+
+def recompute_weight(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, rows_per_unit: int) -> None:
+    """``m.weight.grad`` = the weight gradient of the layer for the output gradient ``coef[i] * g_r`` of each row
+    ``r`` of unit ``i``: the clipped sum (exact: a per-example gradient is linear in g)."""
+    x, padding = padded_input(m, a)
+    rows = coef.to(g.dtype).repeat_interleave(rows_per_unit)
+    gc = g * rows.view(-1, 1, 1, 1)
+    w = conv2d_weight(x, m.weight.shape, gc, stride=m.stride, padding=padding, dilation=m.dilation, groups=m.groups)
+    m.weight.grad = w.to(m.weight.dtype)
 
 
 def write_clipped(
@@ -235,11 +250,7 @@ def write_clipped(
         m.weight.grad = (coef.to(per.weight.dtype) @ per.weight.flatten(1)).reshape_as(m.weight).to(m.weight.dtype)
     elif per.recompute:
         assert a is not None and g is not None
-        x, padding = padded_input(m, a)
-        rows = coef.to(g.dtype).repeat_interleave(per.rows_per_unit)
-        gc = g * rows.view(-1, 1, 1, 1)
-        w = conv2d_weight(x, m.weight.shape, gc, stride=m.stride, padding=padding, dilation=m.dilation, groups=m.groups)
-        m.weight.grad = w.to(m.weight.dtype)
+        recompute_weight(m, a, g, coef, per.rows_per_unit)
     if per.bias is not None and m.bias is not None:
         m.bias.grad = (coef.to(per.bias.dtype) @ per.bias).to(m.bias.dtype)
 
