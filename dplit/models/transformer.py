@@ -91,6 +91,9 @@ class TransformerClassifier(nn.Module):
         path = resolve_model_dir(model_dir)
         # eager attention: plain matmuls/softmax, identical with and without per-sample-gradient hooks
         self.encoder: Any = AutoModel.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
+        # from_pretrained returns eval mode and Lightning keeps each submodule's mode: without this, fine-tuning
+        # would run the encoder without its dropout (and a DP run, through Opacus' checks, with it)
+        self.encoder.train()
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler = None  # unused by either pooling; see the class docstring
         config = self.encoder.config

@@ -74,12 +74,13 @@ def check_model(module: nn.Module, grad_sample_mode: str = "hooks") -> None:
             "(`dplit.models.TimmBackbone(batchnorm: frozen)`, timm's `freeze_batch_norm_2d`), or use a model with "
             "GroupNorm/LayerNorm."
         )
-    was_training = module.training
+    modes = {m: m.training for m in module.modules()}  # each submodule's own mode, restored as it was
     module.train()
     try:
         errors = ModuleValidator.validate(module, strict=False)
     finally:
-        module.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     for err in errors:
         text = str(err)
         if "BatchNorm" in text:
