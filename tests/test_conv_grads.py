@@ -252,14 +252,18 @@ def test_deferred_weights_get_norms_and_clipped_sums_in_one_pass(k, chunk, monke
     sq = other + sum(per.sq.double() for _, _, _, per, _ in rows) * scale**2  # the biases' norms
     c = 0.5
 
-    def coef_of(norms: torch.Tensor) -> torch.Tensor:
+    def coef_of(norms: torch.Tensor, units: slice | None = None) -> torch.Tensor:
+        if units is not None:
+            slices.append((units.start, units.stop))
         return (c / (norms + 1e-6)).clamp(max=1.0)
 
+    slices: list[tuple[int, int]] = []
     used = conv_grads.clip_deferred([(m, a, g) for m, a, g, _, _ in rows], sq, scale, coef_of, rows_per_unit=k)
     expected_sq = other + scale**2 * sum(sum(t.flatten(1).pow(2).sum(1) for t in ref.values()) for *_, ref in rows)
     torch.testing.assert_close(sq, expected_sq)
     coef = coef_of(expected_sq.sqrt())
     torch.testing.assert_close(used, coef)
+    assert slices == ([(0, units)] if chunk == "whole" else [(i, i + 1) for i in range(units)])  # the units' slices
     assert (coef < 1).sum() >= 2  # the factors matter
     for m, _, _, _, ref in rows:
         torch.testing.assert_close(m.weight.grad, torch.einsum("n,n...->...", coef * scale, ref["weight"]))
@@ -300,9 +304,9 @@ def test_bookkeeping_defers_a_large_conv_only_to_elementwise_factors(factors, mo
     if factors != "own":
         bk.clip_factors = lambda norms: asked.append(len(norms)) or flat(norms)
     if factors == "elementwise":
-        bk.chunk_factors = flat
+        bk.chunk_factors = lambda norms, units, total: flat(norms)
     if factors == "elementwise-wrong":
-        bk.chunk_factors = lambda norms: torch.ones_like(norms)  # not the batch's factors: no clipping at all
+        bk.chunk_factors = lambda norms, units, total: torch.ones_like(norms)  # not the batch's: no clipping at all
     try:
         F.mse_loss(net(x), y).backward()
         bk.clip_into_grad()

@@ -124,17 +124,29 @@ class RecordingSingle(ClassificationTask):
         return super().training_step(batch, batch_idx)
 
 
-@pytest.mark.parametrize("algorithm", ["dpsgd", "automatic_clipping"])
-def test_a_wide_conv_is_clipped_in_one_pass_under_dpsgd_only(tmp_path, algorithm, monkeypatch):
-    """Book-keeping through the DP callback: DP-SGD's elementwise factors let a conv with per-example gradients
-    larger than its captures be clipped chunk by chunk (clip_deferred); a mitigation's factors do not. The DP-SGD
-    update equals the clipped per-example autograd gradients summed over the (q = 1) batch."""
+@pytest.mark.parametrize("algorithm", ["dpsgd", "automatic_clipping", "dpsgd_f", "not-elementwise"])
+def test_a_wide_conv_is_clipped_in_one_pass_for_elementwise_factors(tmp_path, algorithm, monkeypatch):
+    """Book-keeping through the DP callback: an algorithm whose factors are elementwise (DP-SGD's and the
+    mitigations', group ids sliced per chunk) lets a conv with per-example gradients larger than its captures be
+    clipped chunk by chunk (clip_deferred); one declared otherwise does not. The DP-SGD update equals the clipped
+    per-example autograd gradients summed over the (q = 1) batch."""
     import dplit.privacy.bookkeeping as bookkeeping
+    from dplit.privacy.mitigations import AutomaticClipping
 
-    deferred = []
-    real = bookkeeping.clip_deferred
+    if algorithm == "not-elementwise":
+        monkeypatch.setattr(AutomaticClipping, "elementwise_factors", False)
+        algorithm = "automatic_clipping"
+        expect: list[str] = []
+    else:
+        expect = ["Conv2d"]
+
+    deferred, recomputed = [], []
+    real, real_recompute = bookkeeping.clip_deferred, bookkeeping.recompute_weight
     monkeypatch.setattr(
         bookkeeping, "clip_deferred", lambda layers, *rest: deferred.extend(layers) or real(layers, *rest)
+    )
+    monkeypatch.setattr(
+        bookkeeping, "recompute_weight", lambda m, *rest: recomputed.append(m) or real_recompute(m, *rest)
     )
     root = write_cifar_pickles(tmp_path, "cifar10", 1, 1)
     dm = CIFARDataModule(root=str(root), format="pickle", val_size=5, resize=8, crop=8, augment=False, batch_size=4,
@@ -154,7 +166,8 @@ def test_a_wide_conv_is_clipped_in_one_pass_under_dpsgd_only(tmp_path, algorithm
         noise_multiplier=1e-9, max_grad_norm=C, grad_sample_mode="bookkeeping", algorithm=algorithm
     )
     trainer(tmp_path, [dp], max_steps=1).fit(task, datamodule=dm)
-    assert [type(m).__name__ for m, _, _ in deferred] == (["Conv2d"] if algorithm == "dpsgd" else [])
+    assert [type(m).__name__ for m, _, _ in deferred] == expect
+    assert not recomputed  # the chunks' factors (group ids sliced per chunk) were the batch's
     if algorithm != "dpsgd":
         return
     update = torch.cat([(b - a).reshape(-1) for b, a in zip(before, backbone.parameters(), strict=True)])

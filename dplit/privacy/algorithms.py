@@ -49,6 +49,10 @@ class DPAlgorithm:
     """Names of the ``DifferentialPrivacy`` arguments this algorithm reads (the others must stay unset)."""
     requires_groups: ClassVar[bool] = False
     """True if the clip rule needs each unit's group id (batches ``(x, y, group)``)."""
+    elementwise_factors: ClassVar[bool] = True
+    """True if ``clip_factors`` is a side-effect-free function of each unit's own norm and group id (given the
+    algorithm's state): book-keeping may then call it on chunks of a batch (its one-pass conv clipping), checking
+    the chunks' factors against the whole batch's. A subclass whose factors depend on the batch sets False."""
 
     def __init__(
         self,

@@ -30,7 +30,6 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch import nn
 
 from dplit.privacy import grad_samplers  # noqa: F401  (registers dplit's Opacus rules)
-from dplit.privacy.algorithms import DPAlgorithm
 from dplit.privacy.bookkeeping import BookKeeping
 from dplit.privacy.config import PrivacyConfig
 from dplit.privacy.coverage import RepeatedUseGuard
@@ -305,8 +304,15 @@ class BookKeepingBackend(PerSampleBackend):
         self.bk.clip_factors = controller.factors
         self.bk.rows_per_unit = controller.rows_per_unit
         algorithm = controller.algorithm
-        if type(algorithm).clip_factors is DPAlgorithm.clip_factors:  # DP-SGD's min(1, C / norm): elementwise
-            self.bk.chunk_factors = lambda norms: algorithm.clip_factors(norms, None)
+        if algorithm.elementwise_factors:  # each unit's factor from its own norm and group: chunks may ask
+
+            def chunk_factors(norms: torch.Tensor, units: slice, total: int) -> torch.Tensor:
+                groups = controller.groups
+                return algorithm.clip_factors(
+                    norms, groups[units] if groups is not None and len(groups) == total else None
+                )
+
+            self.bk.chunk_factors = chunk_factors
 
     def after_backward(self) -> None:
         self.bk.clip_into_grad(empty=self.empty_batch())  # p.grad := sum of clipped per-example gradients

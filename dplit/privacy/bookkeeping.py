@@ -121,11 +121,11 @@ class BookKeeping:
         self.max_grad_norm = max_grad_norm
         self.clip_factors: Callable[[torch.Tensor], torch.Tensor] | None = None
         """Per-example factors from pre-clipping norms (a DP algorithm's); None: min(1, C / norm)."""
-        self.chunk_factors: Callable[[torch.Tensor], torch.Tensor] | None = None
-        """With ``clip_factors``: the same factors computed elementwise (each unit's from its own norm), which lets a
-        large Conv2d's weight be clipped chunk by chunk (``clip_deferred``); None: no such shortcut. The factors used
-        are checked against ``clip_factors``' (called once, on the whole batch) and the weight recomputed if they
-        differ."""
+        self.chunk_factors: Callable[[torch.Tensor, slice, int], torch.Tensor] | None = None
+        """With ``clip_factors``: the same factors for a chunk of units (its norms, its units' slice of the batch,
+        the batch's unit count), which lets a large Conv2d's weight be clipped chunk by chunk (``clip_deferred``);
+        None: no such shortcut. The factors used are checked against ``clip_factors``' (called once, on the whole
+        batch) and the weight recomputed if they differ."""
         self.rows_per_unit: Callable[[int], int] | None = None
         self.names = {m: name or "<root>" for name, m in module.named_modules()}
         self.layers = [m for m in module.modules() if (type(m) in RULES or bookkeeping_rule(m)) and _trainable(m)]
@@ -262,7 +262,8 @@ class BookKeeping:
         per_layer: list[tuple[Any, dict[str, torch.Tensor], ConvPerExample | None]] = []
         sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
         # a DP algorithm's factors may depend on the whole batch: a Conv2d weight is deferred only to elementwise ones
-        elementwise = (lambda norms: self._coef(norms, dtype)) if self.clip_factors is None else self.chunk_factors
+        own = lambda norms, units, total: self._coef(norms, dtype)  # noqa: E731
+        elementwise = own if self.clip_factors is None else self.chunk_factors
         defer = elementwise is not None
         for m, e in entries:
             assert e is not None
@@ -277,7 +278,7 @@ class BookKeeping:
         deferred = [(m, e["a"], e["g"]) for m, e, per in per_layer if per is not None and per.deferred]
         used = None
         if elementwise is not None:  # a large conv's weight: norms and clipped sum in one pass (deferred)
-            used = clip_deferred(deferred, sq_norms, n, lambda norms: elementwise(norms).to(dtype), k)
+            used = clip_deferred(deferred, sq_norms, n, lambda norms, units: elementwise(norms, units, n).to(dtype), k)
         norms = sq_norms.clamp(min=0).sqrt()
         self.last_norms = norms.float()
         if self.clip_factors is not None:  # a DP algorithm's factors (one per unit; checked by the caller)

@@ -190,7 +190,7 @@ def clip_deferred(
     layers: list[tuple[nn.Conv2d, torch.Tensor, torch.Tensor]],
     sq_norms: torch.Tensor,
     scale: float,
-    coef_of: Callable[[torch.Tensor], torch.Tensor],
+    coef_of: Callable[[torch.Tensor, slice], torch.Tensor],
     rows_per_unit: int = 1,
 ) -> torch.Tensor | None:
     """The deferred Conv2d weights (``ConvPerExample.deferred``): norms and clipped sums in one pass over chunks.
@@ -199,9 +199,9 @@ def clip_deferred(
     unit's own (a mean loss over ``scale`` units): norms and sums are of ``scale`` times the formed gradients.
     ``sq_norms`` [units] (float64) holds every other parameter's squared norms (already whole); each chunk's weight
     norms are added in place, so on return it is the whole model's. A unit's clip factor depends on its own norm
-    only (``coef_of``, elementwise: [c] norms -> [c] factors), so a chunk's clipped sum is final once its norms
-    are complete: ``weight.grad = sum over chunks of (scale * factors_chunk) @ grads_chunk``. Peak memory is the
-    captures plus one chunk of every layer's gradients, as with recomputation, at half the products.
+    (and group) only (``coef_of``: a chunk's [c] norms and its units' slice -> [c] factors), so a chunk's clipped
+    sum is final once its norms are complete: ``weight.grad = sum over chunks of (scale * factors) @ grads``. Peak
+    memory is the captures plus one chunk of every layer's gradients, as with recomputation, at half the products.
     Returns the factors used ``[units]`` (None: no layer), for the caller to check against the batch's.
     """
     if not layers:
@@ -217,7 +217,7 @@ def clip_deferred(
         grads = [_unit_grads(m, a[rows], g[rows], k).flatten(1) for m, a, g in layers]  # [c, out*D] each
         for w in grads:
             sq_norms[i : i + c] += torch.linalg.vector_norm(w, dim=1).square().double() * (scale * scale)
-        coef = coef_of(sq_norms[i : i + c].clamp(min=0).sqrt())
+        coef = coef_of(sq_norms[i : i + c].clamp(min=0).sqrt(), slice(i, i + c))
         used.append(coef)
         for total, w in zip(sums, grads, strict=True):
             total.view(-1).addmv_(w.T, coef.to(w.dtype) * scale)
