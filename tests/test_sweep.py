@@ -291,8 +291,14 @@ echo '{"kind": "fit", "status": "completed"}' > "$dir/version_0/summary.json"
 
 
 def test_jobs_train_cells_concurrently_with_shared_threads_and_leave_busy_cells(tmp_path, monkeypatch, capsys):
+    from dplit.sweep import local
     from dplit.sweep.local import threads_per_cell
 
+    beats = []
+    monkeypatch.setattr(local, "HEARTBEAT_S", 0.0)  # every poll refreshes the running cells' markers
+    monkeypatch.setattr(
+        local, "touch_marker", lambda folder: beats.append(folder.name) or sweep_run.touch_marker(folder)
+    )
     fake = tmp_path / "python"
     fake.write_text(FAKE_SLOW_PYTHON)
     fake.chmod(0o755)
@@ -324,8 +330,37 @@ def test_jobs_train_cells_concurrently_with_shared_threads_and_leave_busy_cells(
     status = {c["name"]: c["status"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
     assert status.pop("dpsgd-eps8-seed1") == "running" and set(status.values()) == {"completed"}
     assert [p.parent.name for p in out.glob("*/.running")] == ["dpsgd-eps8-seed1"]  # only the other machine's
+    assert beats and set(beats) <= {r[0] for r in rows}  # the heartbeat: only cells this sweep was training
     # one at a time (the default): no thread setting is imposed
     calls.unlink()
     (busy / sweep_run.RUNNING).unlink()
     assert main(args) == 0
     assert [line.split()[1:] for line in calls.read_text().splitlines()] == [["1", "unset", "7"]]
+
+
+def test_markers_beat_and_a_marker_without_heartbeat_is_stale(tmp_path, monkeypatch):
+    """The process training a cell refreshes its marker (HEARTBEAT_S); one not refreshed for STALE_S is left over
+    from a stopped machine or a dead node: the cell is trained again, whatever host the marker names."""
+    import os
+    import time
+
+    folder = tmp_path / "sw" / "dpsgd-eps1-seed0"
+    monkeypatch.setattr(sweep_run, "HEARTBEAT_S", 0.05)
+    with sweep_run.running(folder):
+        old = time.time() - 3600
+        os.utime(folder / sweep_run.RUNNING, (old, old))
+        deadline = time.time() + 10
+        while (folder / sweep_run.RUNNING).stat().st_mtime < old + 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert (folder / sweep_run.RUNNING).stat().st_mtime > time.time() - 60  # refreshed by the heartbeat
+        assert sweep_run.is_running(folder)
+    assert not (folder / sweep_run.RUNNING).exists()
+    marker = {"pid": os.getpid(), "host": "another-node", "started": "x"}
+    (folder / sweep_run.RUNNING).write_text(json.dumps(marker))
+    assert sweep_run.folder_status(folder)["status"] == "running"  # fresh: another node is training it
+    stale = time.time() - sweep_run.STALE_S - 5
+    os.utime(folder / sweep_run.RUNNING, (stale, stale))
+    assert not sweep_run.is_running(folder)  # no heartbeat for STALE_S: gone
+    (folder / sweep_run.RUNNING).write_text(json.dumps(marker | {"host": socket.gethostname()}))
+    os.utime(folder / sweep_run.RUNNING, (stale, stale))
+    assert not sweep_run.is_running(folder)  # this host, a live pid (reused?), but no heartbeat: gone

@@ -20,6 +20,7 @@ from typing import IO, Any
 from dplit.report.select import read_summary
 from dplit.sweep.cells import Cell, write_cell_config
 from dplit.sweep.run import (
+    HEARTBEAT_S,
     LOG_NAME,
     RUNNING,
     _child_env,
@@ -28,6 +29,7 @@ from dplit.sweep.run import (
     fit_argv,
     fit_command,
     is_running,
+    touch_marker,
     write_manifest,
     write_marker,
 )
@@ -127,8 +129,13 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cells: list[Cell], jobs: in
     queue = deque(todo)
     actives: list[_Active] = []
     bar = tqdm(total=len(todo), desc="sweep", unit="cell", dynamic_ncols=True, file=sys.stderr)
+    beat = time.monotonic()
     try:
         while queue or actives:
+            if time.monotonic() - beat >= HEARTBEAT_S:  # the running cells' markers stay fresh (see is_running)
+                beat = time.monotonic()
+                for active in actives:
+                    touch_marker(spec.out / active.cell.name)
             while queue and len(actives) < jobs:
                 actives.append(_start(spec, base, queue.popleft(), env))
                 bar.set_postfix_str(", ".join(a.cell.name for a in actives))

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,11 @@ SPEC_FILE = "sweep.yaml"
 """The spec as the sweep ran it (absolute paths), read back by cluster jobs: ``dplit sweep --spec OUT/sweep.yaml``."""
 LOG_NAME = "fit.log"
 RUNNING = ".running"
+HEARTBEAT_S = 60.0
+"""The process training a cell refreshes its marker's modification time this often."""
+STALE_S = 600.0
+"""A marker not refreshed for this long is left over from a process that is gone (a stopped machine, another node
+that died): its cell is no longer running, and a sweep trains it again."""
 """Marker file in a cell folder while a sweep process trains it (pid and host)."""
 _VERSION = re.compile(r"version_(\d+)")
 PYTHON = sys.executable
@@ -76,13 +82,17 @@ def folder_status(folder: Path) -> dict[str, Any]:
 
 
 def is_running(folder: Path) -> bool:
-    """A sweep process is training this cell now (its marker exists and, on this host, its process is alive)."""
+    """A sweep process is training this cell now: its marker exists, was refreshed within ``STALE_S`` (a heartbeat
+    every ``HEARTBEAT_S``) and, on this host, names a live process."""
     try:
         marker = json.loads((folder / RUNNING).read_text())
+        age = time.time() - (folder / RUNNING).stat().st_mtime
     except (OSError, ValueError):
         return False
+    if age > STALE_S:
+        return False  # no heartbeat: the machine or process that wrote it is gone
     if marker.get("host") != socket.gethostname():
-        return True  # another node (a cluster task): cannot check its process from here
+        return True  # another node (a cluster task), still beating: cannot check its process from here
     try:
         os.kill(int(marker.get("pid", -1)), 0)
     except (OSError, ValueError):
@@ -97,13 +107,32 @@ def write_marker(folder: Path) -> None:
     write_atomic(folder / RUNNING, json.dumps(marker) + "\n")
 
 
+def touch_marker(folder: Path) -> None:
+    """The heartbeat: refreshes the modification time of ``folder``'s marker (if it still exists)."""
+    try:
+        os.utime(folder / RUNNING)
+    except OSError:
+        pass
+
+
 @contextmanager
 def running(folder: Path) -> Iterator[None]:
-    """Marks ``folder`` as being trained by this process while the block runs."""
+    """Marks ``folder`` as being trained by this process while the block runs (a thread beats every
+    ``HEARTBEAT_S``)."""
     write_marker(folder)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            touch_marker(folder)
+
+    thread = threading.Thread(target=beat, name="dplit-sweep-heartbeat", daemon=True)
+    thread.start()
     try:
         yield
     finally:
+        stop.set()
+        thread.join()
         (folder / RUNNING).unlink(missing_ok=True)
 
 
@@ -180,6 +209,7 @@ __all__ = [
     "folder_status",
     "fit_argv",
     "is_running",
+    "touch_marker",
     "fit_command",
     "read_manifest",
     "run_cell_here",
