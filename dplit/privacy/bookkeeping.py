@@ -33,76 +33,14 @@ import torch
 from torch import nn
 
 from dplit.models.lstm import LSTMScan
+from dplit.privacy.bookkeeping_coverage import RULES, check_supported, covered, same_padding, uncovered_parameters
+from dplit.privacy.bookkeeping_coverage import trainable as _trainable
 from dplit.privacy.bookkeeping_rules import per_example, sq_norm, write_clipped
 from dplit.privacy.conv_grads import ConvPerExample, clip_deferred, recompute_weight
 from dplit.privacy.coverage import UncoveredParameterError
 from dplit.privacy.lstm_rules import GateCapture
 from dplit.privacy.precision import widen
-from dplit.privacy.transformer_rules import bookkeeping_rule, tied_cross_sq, tied_reason, to_units
-
-RULES: dict[type[nn.Module], tuple[str, ...]] = {
-    nn.Linear: ("weight", "bias"),
-    nn.Conv2d: ("weight", "bias"),
-    nn.GroupNorm: ("weight", "bias"),
-    nn.Embedding: ("weight",),
-    LSTMScan: ("weight",),
-}
-SUPPORTED = tuple(RULES)
-_ALTERNATIVE = "Use `grad_sample_mode: hooks` or `functorch` for this model."
-
-
-def _unsupported_reason(m: nn.Module) -> str | None:
-    rule = RULES.get(type(m)) or getattr(bookkeeping_rule(m), "params", None)  # transformer_rules: Conv1D, norms
-    if isinstance(m, nn.MultiheadAttention):
-        return "no book-keeping rule; replace it by opacus.layers.DPMultiheadAttention, built from Linear layers"
-    if rule is None:
-        base = next((t.__name__ for t in SUPPORTED if isinstance(m, t)), None)
-        return f"subclass of {base}: no book-keeping rule for its forward" if base else "no book-keeping rule"
-    extra = [name for name, _ in m.named_parameters(recurse=False) if name not in rule]
-    if extra:
-        return f"parameters outside the {type(m).__name__} rule: {', '.join(extra)}"
-    if isinstance(m, nn.Embedding) and (m.sparse or m.scale_grad_by_freq or m.max_norm is not None):
-        return "sparse / scale_grad_by_freq / max_norm"
-    return None
-
-
-def _trainable(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in m.named_parameters(recurse=False) if p.requires_grad]
-
-
-def uncovered_parameters(module: nn.Module) -> list[str]:
-    """One entry per module whose trainable parameters book-keeping cannot clip, naming those parameters."""
-    qualified = {p: name for name, p in module.named_parameters()}  # the first name of a shared parameter
-    owners: dict[nn.Parameter, list[str]] = {}
-    for mname, m in module.named_modules():
-        for _, p in _trainable(m):
-            owners.setdefault(p, []).append(mname or "<root>")
-    bad = []
-    for mname, m in module.named_modules():
-        params = _trainable(m)
-        if not params:
-            continue
-        names = ", ".join(qualified[p] for _, p in params)
-        if reason := _unsupported_reason(m):
-            bad.append(f"{mname or '<root>'} ({type(m).__name__}: {reason}; trainable {names})")
-        shared = [p for _, p in params if len(owners[p]) > 1 and owners[p][0] == (mname or "<root>")]
-        bad.extend(
-            f"{qualified[p]} (shared by {' and '.join(owners[p])}: {why})"
-            for p in shared
-            if (why := tied_reason([module.get_submodule(o) for o in owners[p]]))
-        )
-    return bad
-
-
-def check_supported(module: nn.Module) -> None:
-    """Raise ``ValueError`` naming every trainable parameter that book-keeping clipping cannot clip."""
-    bad = uncovered_parameters(module)
-    if bad:
-        raise UncoveredParameterError(
-            "`grad_sample_mode: bookkeeping` clips the parameters of exact Linear, Conv2d, GroupNorm, Embedding "
-            "(dense, no max_norm), dplit LSTM, GPT-2 Conv1D, LlamaRMSNorm and LayerNorm layers only; "
-            f"unsupported: {', '.join(bad)}. {_ALTERNATIVE}"
-        )
+from dplit.privacy.transformer_rules import tied_cross_sq, to_units
 
 
 class BookKeeping:
@@ -128,7 +66,8 @@ class BookKeeping:
         batch) and the weight recomputed if they differ."""
         self.rows_per_unit: Callable[[int], int] | None = None
         self.names = {m: name or "<root>" for name, m in module.named_modules()}
-        self.layers = [m for m in module.modules() if (type(m) in RULES or bookkeeping_rule(m)) and _trainable(m)]
+        self.layers = [m for m in module.modules() if covered(m) and _trainable(m)]
+        self._pads = {m: f for m in self.layers if (f := same_padding(m)) is not None}  # timm's Conv2dSame
         self._tied = _tied_pairs(self.layers)  # (embedding, head) sharing a weight: cross term of their norms
         self._store: dict[nn.Module, dict[str, list[torch.Tensor]]] = {}  # per layer: inputs "a", grads "g"
         self._calls: dict[nn.Module, int] = {}  # training forwards per layer since the last clip_into_grad
@@ -183,7 +122,10 @@ class BookKeeping:
         if module.training and torch.is_grad_enabled():
             self._calls[module] = self._calls.get(module, 0) + 1
             if not isinstance(module, LSTMScan):  # LSTMScan keeps its own (see _capture)
-                self._store.setdefault(module, {"a": [], "g": []})["a"].append(inputs[0].detach())
+                a = inputs[0].detach()
+                if module in self._pads:
+                    a = _padded_capture(module, self._pads[module], a, output)
+                self._store.setdefault(module, {"a": [], "g": []})["a"].append(a)
         return tapped
 
     def _backward_hook(self, module: nn.Module, grad_input: Any, grad_output: tuple[torch.Tensor, ...]) -> None:
@@ -319,6 +261,21 @@ class _OutputTap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
         return None, None
+
+
+def _padded_capture(m: nn.Module, pad: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    output: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The input a same-padding Conv2d convolves (``same_padding``), checked against the size of its output."""
+    a = pad(x)
+    assert isinstance(m, nn.Conv2d)
+    size = [(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(a.shape[2:], m.kernel_size, m.stride, m.dilation)]
+    if size != list(output.shape[2:]):
+        raise RuntimeError(
+            f"book-keeping clipping: {type(m).__name__} output {tuple(output.shape)} is not its convolution of the "
+            f"padded input {tuple(a.shape)}: this timm version's forward differs from the rule. "
+            f"Use `grad_sample_mode: hooks` or `functorch`."
+        )
+    return a
 
 
 def _batch_size(m: nn.Module, e: dict[str, torch.Tensor] | None) -> int:

@@ -10,6 +10,7 @@ marker) are left to it.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import IO, Any
 
 from dplit.report.select import read_summary
 from dplit.sweep.cells import Cell, write_cell_config
+from dplit.sweep.resume import resume_args
 from dplit.sweep.run import (
     HEARTBEAT_S,
     LOG_NAME,
@@ -66,11 +68,12 @@ def _start(spec: SweepSpec, base: dict[str, Any], cell: Cell, env: dict[str, str
     write_cell_config(base, spec, cell)
     folder = spec.out / cell.name
     write_marker(folder)
+    resume = resume_args(spec, cell)  # a stopped attempt's checkpoint, if it can be continued
     log = (folder / LOG_NAME).open("a")
-    log.write(f"$ {fit_command(spec, cell)}\n")
+    log.write(f"$ {fit_command(spec, cell)}{' ' + shlex.join(resume) if resume else ''}\n")
     log.flush()
     proc = subprocess.Popen(
-        [_python(), "-m", "dplit.cli", *fit_argv(spec, cell)],
+        [_python(), "-m", "dplit.cli", *fit_argv(spec, cell), *resume],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

@@ -195,9 +195,13 @@ def run_cell_here(spec: SweepSpec, base: dict[str, Any], cell: Cell, wandb: bool
     process, output on the console); returns the exit code."""
     write_cell_config(base, spec, cell, wandb)
     from dplit.cli.main import main as dplit_main
+    from dplit.sweep.resume import resume_args
 
     with running(spec.out / cell.name):
-        return dplit_main(fit_argv(spec, cell))
+        resume = resume_args(spec, cell)
+        if resume:
+            print(f"dplit sweep: {cell.name}: resuming the stopped attempt from {resume[1]}", flush=True)
+        return dplit_main([*fit_argv(spec, cell), *resume])
 
 
 __all__ = [
