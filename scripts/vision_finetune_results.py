@@ -140,7 +140,7 @@ def main() -> None:
     if not args.table_only:
         done = {(r["layers"], r["views"], r["target_eps"], r["ema"], r["seed"]) for r in rows}
         emas = {"both": (False, True), "yes": (True,), "no": (False,)}[args.ema]
-        cells = [] if args.no_baseline else [(la, k, None, False) for la in args.layers for k in args.views]
+        cells = [] if args.no_baseline else [(la, min(args.views), None, False) for la in args.layers]  # K=1 twin
         cells += [(la, k, e, ema) for la in args.layers for k in args.views for e in args.epsilons for ema in emas]
         for layers, views, eps, ema in cells:
             if (layers, views, eps, ema, args.seed) in done:

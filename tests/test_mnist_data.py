@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dplit.data import GroupedTensorDataset, ImbalancedMNISTDataModule
 from dplit.data.mnist import MNIST_MEAN, MNIST_STD
@@ -247,6 +248,23 @@ def test_mnist_cnn_shape_and_size() -> None:
     assert model(torch.zeros(4, 1, 28, 28)).shape == (4, 10)
     assert MnistCNN(in_channels=3, num_classes=2)(torch.zeros(2, 3, 28, 28)).shape == (2, 2)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_mnist_cnn_tanh_activation_and_a_wrong_name() -> None:
+    """``activation: tanh`` bounds every hidden activation to (-1, 1) (ReLU's are unbounded) with the same weights."""
+    torch.manual_seed(0)
+    relu, tanh = MnistCNN(), MnistCNN(activation="tanh")
+    tanh.load_state_dict(relu.state_dict())
+    x = torch.randn(3, 1, 28, 28) * 50
+    hidden = {}
+    for name, model in (("relu", relu), ("tanh", tanh)):
+        model.fc1.register_forward_hook(lambda m, i, o, name=name: hidden.__setitem__(name, model.act(o)))
+        model(x)
+    assert hidden["tanh"].abs().max() < 1 < hidden["relu"].max()
+    torch.testing.assert_close(hidden["tanh"], torch.tanh(relu.fc1(F.max_pool2d(torch.tanh(relu.conv2(
+        F.max_pool2d(torch.tanh(relu.conv1(x)), 2))), 2).flatten(1))))  # fmt: skip
+    with pytest.raises(ValueError, match=r"activation must be one of \['relu', 'tanh'\], got 'gelu'"):
+        MnistCNN(activation="gelu")
 
 
 def test_mnist_cnn_learns_the_tiny_fixture(mnist_root: Path) -> None:

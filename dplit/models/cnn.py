@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
 
 
 class MnistCNN(nn.Module):
     """Two 5x5 conv layers with max-pooling, then two linear layers; 431,080 parameters for 10 classes.
 
-    Conv2d(in, 20, 5) -> ReLU -> MaxPool(2) -> Conv2d(20, 50, 5) -> ReLU -> MaxPool(2) -> Linear(800, 500) -> ReLU
+    Conv2d(in, 20, 5) -> act -> MaxPool(2) -> Conv2d(20, 50, 5) -> act -> MaxPool(2) -> Linear(800, 500) -> act
     -> Linear(500, num_classes). No normalisation layers, so it is DP-compatible as is. Expects 28x28 inputs.
 
     Args:
         in_channels: Input channels (1 for MNIST).
         num_classes: Number of output logits.
+        activation: ``"relu"`` (the paper's) or ``"tanh"``: a bounded activation, which Papernot et al. 2021
+            ("Tempered sigmoid activations for deep learning with differential privacy") found to train better
+            under DP-SGD (MNIST: 98.1% against 96.6% for ReLU at epsilon 2.93).
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, activation: str = "relu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MnistCNN: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.act = ACTIVATIONS[activation]
         self.conv1 = nn.Conv2d(in_channels, 20, kernel_size=5, stride=1)
         self.conv2 = nn.Conv2d(20, 50, kernel_size=5, stride=1)
         self.fc1 = nn.Linear(4 * 4 * 50, 500)
@@ -26,7 +35,7 @@ class MnistCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Maps images [B, in_channels, 28, 28] to logits [B, num_classes]."""
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # [B, 20, 12, 12]
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # [B, 50, 4, 4]
-        x = F.relu(self.fc1(x.flatten(1)))  # [B, 500]
+        x = F.max_pool2d(self.act(self.conv1(x)), 2)  # [B, 20, 12, 12]
+        x = F.max_pool2d(self.act(self.conv2(x)), 2)  # [B, 50, 4, 4]
+        x = self.act(self.fc1(x.flatten(1)))  # [B, 500]
         return self.fc2(x)
