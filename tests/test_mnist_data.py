@@ -22,7 +22,7 @@ from dplit.data.mnist_io import (
     read_mnist_labels,
     write_idx,
 )
-from dplit.models import MnistCNN
+from dplit.models import MnistCNN, TanhCNN
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 OFFICIAL_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -248,6 +248,19 @@ def test_mnist_cnn_shape_and_size() -> None:
     assert model(torch.zeros(4, 1, 28, 28)).shape == (4, 10)
     assert MnistCNN(in_channels=3, num_classes=2)(torch.zeros(2, 3, 28, 28)).shape == (2, 2)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_tanh_cnn_shape_size_and_dp_coverage() -> None:
+    """Tramèr & Boneh's MNIST CNN: 26,010 parameters (1,040 + 8,224 + 16,416 + 330), 28x28 -> 10 logits, no
+    normalisation layer, every parameter clipped by book-keeping."""
+    from dplit.privacy.bookkeeping import uncovered_parameters
+
+    model = TanhCNN()
+    assert [p.numel() for p in model.parameters()] == [1024, 16, 8192, 32, 16384, 32, 320, 10]
+    assert sum(p.numel() for p in model.parameters()) == 26_010
+    assert model(torch.zeros(4, 1, 28, 28)).shape == (4, 10)
+    assert TanhCNN(in_channels=3, num_classes=2)(torch.zeros(2, 3, 28, 28)).shape == (2, 2)
+    assert uncovered_parameters(model) == []
 
 
 def test_mnist_cnn_tanh_activation_and_a_wrong_name() -> None:

@@ -2,7 +2,7 @@
 
 from dplit.models.bilstm import BiLSTMClassifier
 from dplit.models.causal_lm import CausalLM
-from dplit.models.cnn import MnistCNN
+from dplit.models.cnn import MnistCNN, TanhCNN
 from dplit.models.embedding import HashedWordEmbedding
 from dplit.models.lstm import LSTM, LSTMScan
 from dplit.models.mlp import TabularMLP
@@ -19,6 +19,7 @@ __all__ = [
     "MnistCNN",
     "ResNet18GN",
     "TabularMLP",
+    "TanhCNN",
     "TimmBackbone",
     "TransformerClassifier",
 ]

@@ -41,3 +41,32 @@ class MnistCNN(nn.Module):
         x = F.max_pool2d(self.act(self.conv2(x)), 2)  # [B, 50, 4, 4]
         x = self.act(self.fc1(x.flatten(1)))  # [B, 500]
         return self.fc2(x)
+
+
+class TanhCNN(nn.Module):
+    """The small tanh CNN used for DP-SGD on MNIST by Papernot et al. 2021 and Tramèr & Boneh 2021 ("Differentially
+    private learning needs better features"): 26,010 parameters for 10 classes, 60x fewer than :class:`MnistCNN`,
+    so the same noise multiplier spreads over far fewer coordinates. Tramèr & Boneh report 98.1% on MNIST at
+    (3, 1e-5)-DP (batch 512, SGD lr 0.5 momentum 0.9, clip 0.1, 40 epochs).
+
+    Conv2d(in, 16, 8, stride 2, padding 3) -> tanh -> MaxPool(2, stride 1) -> Conv2d(16, 32, 4, stride 2) -> tanh
+    -> MaxPool(2, stride 1) -> Linear(512, 32) -> tanh -> Linear(32, num_classes). No normalisation layers.
+    Expects 28x28 inputs.
+
+    Args:
+        in_channels: Input channels (1 for MNIST).
+        num_classes: Number of output logits.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=8, stride=2, padding=3)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=4, stride=2)
+        self.fc1 = nn.Linear(32 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Maps images [B, in_channels, 28, 28] to logits [B, num_classes]."""
+        x = F.max_pool2d(torch.tanh(self.conv1(x)), 2, 1)  # [B, 16, 13, 13]
+        x = F.max_pool2d(torch.tanh(self.conv2(x)), 2, 1)  # [B, 32, 4, 4]
+        return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
