@@ -45,9 +45,9 @@ def spec(args: argparse.Namespace) -> dict:
         *args.fit_arg,
     ]
     return {
-        "config": str(REPO / "configs" / "mnist_dp.yaml"),
+        "config": str(args.config.resolve()),
         "out": str(args.out),
-        "grid": {"algorithm": args.methods, "noise_multiplier": [0.8], "seed": args.seeds},
+        "grid": {"algorithm": args.methods, "noise_multiplier": [args.noise], "seed": args.seeds},
         "fit_args": fit_args,
         "wandb": False,
     }
@@ -105,14 +105,16 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
             f"{args.epochs} epoch(s) per run (the paper: 60), {n} seed(s) requested "
             f"({', '.join(map(str, args.seeds))}; "
             "the `seeds run` column says how many completed), "
-            f"{platform.machine()} CPU ({_cores()} cores), {args.jobs} run(s) at a time, {minutes:.0f} min for this "
-            "invocation (cells finished by earlier invocations are skipped; the last column is each run's own wall "
-            "time).** Real MNIST from "
-            f"`{args.root}` (class 8 cut to 500 training examples, N = 54,649), the paper's CNN "
-            "(`dplit.models.MnistCNN`), "
-            f"SGD lr {args.lr} momentum {args.momentum} (the seed code's `params_mnist.yaml`: 0.01, 0.5), batch 256 "
-            "(Poisson), noise multiplier "
-            f"0.8, clip 1, delta 1e-6; accuracy of the last `{report.get('split', 'val')}/` evaluation, which for "
+            f"{platform.machine()} CPU ({_cores()} cores), "
+            + (
+                "table written from the cells completed so far "
+                if args.report_only
+                else f"{args.jobs} run(s) at a time, {minutes:.0f} min for this invocation "
+            )
+            + "(cells finished by earlier invocations are skipped; the last column is each cell's own wall time, "
+            "summed over a stopped run and the run that resumed it).** Real MNIST from "
+            f"`{args.root}` (class 8 cut to 500 training examples, N = 54,649), {setting(args)}; "
+            f"accuracy of the last `{report.get('split', 'val')}/` evaluation, which for "
             "this DataModule is the MNIST test set (10,000 images; class 8: 974), as in the paper. Every DP method "
             "runs at the same noise "
             "multiplier and so at the same epsilon (the mitigations' noisy counts share the step's budget). Each cell "
@@ -148,14 +150,37 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
     )
 
 
+def setting(args: argparse.Namespace) -> str:
+    """Model, optimiser, batch, noise, clip and delta of the runs, read from ``--config`` and the flags."""
+    config = yaml.safe_load(args.config.read_text())
+    backbone = config["model"]["init_args"]["backbone"]["class_path"]
+    dp = next(c["init_args"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DifferentialPrivacy"))
+    model = f"the paper's CNN (`{backbone}`)" if backbone.endswith(".MnistCNN") else f"`{backbone}`"
+    return (
+        f"{model}, SGD lr {args.lr} momentum {args.momentum} (the seed code's `params_mnist.yaml`: 0.01, 0.5), batch "
+        f"{config['data']['init_args']['batch_size']} (Poisson), noise multiplier {args.noise}, clip "
+        f"{dp['max_grad_norm']}, delta {dp['delta']:g} (`{args.config.name}`)"
+    )
+
+
 def run_minutes(out: Path, method: str) -> str:
-    """Wall minutes of the method's completed runs (range over seeds), from each run folder: its ``hparams.yaml``
-    (written when the fit starts) to its ``summary.json`` (written when it ends)."""
+    """Wall minutes of the method's completed cells (range over seeds). A cell's time is the sum over its runs
+    (a stopped attempt and the run that resumed it), each from its ``hparams.yaml`` (written when the fit starts) to
+    the newest file in its folder (``summary.json`` when it completed)."""
     minutes = []
-    for summary in sorted(out.glob(f"{method}-*/version_*/summary.json")):
-        start = summary.parent / "hparams.yaml"
-        if start.is_file() and json.loads(summary.read_text()).get("status") == "completed":
-            minutes.append((summary.stat().st_mtime - start.stat().st_mtime) / 60)
+    for cell in sorted(out.glob(f"{method}-*/")):
+        done = [
+            s for s in cell.glob("version_*/summary.json") if json.loads(s.read_text()).get("status") == "completed"
+        ]
+        if not done:
+            continue
+        total = 0.0
+        for run in cell.glob("version_*/"):
+            start = run / "hparams.yaml"
+            files = [f.stat().st_mtime for f in run.rglob("*") if f.is_file()]
+            if start.is_file() and files:
+                total += max(files) - start.stat().st_mtime
+        minutes.append(total / 60)
     if not minutes:
         return "—"
     low, high = min(minutes), max(minutes)
@@ -171,6 +196,8 @@ def _cores() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="../shared/data/mnist", help="MNIST folder (torchvision layout)")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "mnist_dp.yaml", help="the base config")
+    parser.add_argument("--noise", type=float, default=0.8, help="noise multiplier of every DP cell (the paper: 0.8)")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=METHODS)
