@@ -136,6 +136,7 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
             "Plots (from `dplit report` on the sweep): `pareto.png` (overall vs worst-class accuracy, one marker per "
             "method, intervals across seeds) and `accuracy_vs_epsilon.png`.",
             "",
+            *companions(args.docs),
             *(
                 [
                     "**Not run yet** (the table above covers only completed cells): "
@@ -161,6 +162,20 @@ def setting(args: argparse.Namespace) -> str:
         f"{config['data']['init_args']['batch_size']} (Poisson), noise multiplier {args.noise}, clip "
         f"{dp['max_grad_norm']}, delta {dp['delta']:g} (`{args.config.name}`)"
     )
+
+
+COMPANIONS = {
+    "why_92_not_97.md": "why the paper's CNN ends at 93% overall where the paper reports 97.5%",
+    "moonshot.md": "what was tried toward class 8's privacy cost <= 5 points",
+    "lr_probe.md": "the learning-rate probe",
+    "eight_epochs.md": "the first, 8-epoch run",
+}
+
+
+def companions(docs: Path) -> list[str]:
+    """Links to the other write-ups kept beside the table (those that exist)."""
+    found = [f"- [{name}]({name}): {what}" for name, what in COMPANIONS.items() if (docs / name).is_file()]
+    return ["See also:", "", *found, ""] if found else []
 
 
 def run_minutes(out: Path, method: str) -> str:
