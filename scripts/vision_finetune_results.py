@@ -13,7 +13,9 @@ through dplit end to end (``TimmBackbone`` with offline ImageNet weights and fro
 each with random-crop + flip augmentation (images resized to ``--resize``, random ``--crop`` in training, the centre
 crop in evaluation), K augmented views per image (``--views``; K > 1 averages an image's K view gradients before
 clipping, one privacy unit), non-DP and at each ``--epsilons``, with and without an EMA of the weights.
-Results go to ``OUT/results.jsonl`` (a rerun skips finished cells) and ``OUT/results.md``.
+Results go to ``OUT/results.jsonl`` (a rerun skips finished cells) and ``OUT/results.md``. Each cell saves a
+checkpoint every epoch under ``OUT/cells/<cell>/``; a cell stopped part-way continues from it when rerun (the DP
+callback resumes its accountant: every step counts).
 
     nice -n 10 python scripts/vision_finetune_results.py --layers all --views 1 --out runs/vision_finetune
     nice -n 10 python scripts/vision_finetune_results.py --layers last_block --views 1 4 --epsilons 8 --ema yes
@@ -22,6 +24,7 @@ Results go to ``OUT/results.jsonl`` (a rerun skips finished cells) and ``OUT/res
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from functools import partial
@@ -30,11 +33,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dplit.callbacks import DifferentialPrivacy, SubgroupMetrics
 from dplit.callbacks.ema import EMAWeights
 from dplit.data.base import GroupedDataModule
 from dplit.models import TimmBackbone
+from dplit.sweep.resume import complete
 from dplit.tasks import ClassificationTask, MultiViewClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,17 +86,33 @@ def run_cell(layers: str, views: int, eps: float | None, ema: bool, args: argpar
         callbacks.append(dp)
     if ema:
         callbacks.append(EMAWeights(decay=args.ema_decay))
+    folder = out / "cells" / cell_key(layers, views, eps, ema, args)
+    checkpoints = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=-1, every_n_epochs=1,
+                                  enable_version_counter=False)  # fmt: skip
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=callbacks, default_root_dir=str(out), num_sanity_val_steps=0,
-                        limit_val_batches=0)  # fmt: skip
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, checkpoints],
+                        default_root_dir=str(folder), num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+    resume = folder / "last.ckpt"
+    resume_from = str(resume) if resume.is_file() and complete(resume) else None  # a cell stopped part-way
     start = time.time()
-    trainer.fit(task, datamodule=dm)
+    trainer.fit(task, datamodule=dm, ckpt_path=resume_from)
     trainer.test(task, datamodule=dm, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     epsilon = None if dp is None else float(dp.epsilon)
     n_train = len(dm.splits()["train"])
-    return {"epsilon": epsilon, "seconds": round(time.time() - start, 1), **metrics}, label, n_train
+    seconds = round(time.time() - start, 1)
+    return {"epsilon": epsilon, "seconds": seconds, "resumed": resume_from is not None, **metrics}, label, n_train
+
+
+def cell_key(layers: str, views: int, eps: float | None, ema: bool, args: argparse.Namespace) -> str:
+    """The folder of a cell's checkpoint: its settings and a hash of every argument that shapes the run (so a
+    changed setting never resumes another run's checkpoint; the DP callback also refuses a changed privacy setup)."""
+    shaping = [layers, views, eps, ema, args.seed, args.epochs, args.lr[layers], args.batch_size, args.physical_rows,
+               args.train_size, args.eval_size, args.resize, args.crop, args.ema_decay, args.grad_sample_mode,
+               args.part, args.black]  # fmt: skip
+    digest = hashlib.sha256(json.dumps(shaping).encode()).hexdigest()[:10]
+    privacy = "nodp" if eps is None else f"eps{eps:g}"
+    return f"{layers}-k{views}-{privacy}-{'ema' if ema else 'noema'}-seed{args.seed}-{digest}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
