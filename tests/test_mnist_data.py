@@ -271,7 +271,7 @@ def test_mnist_cnn_tanh_activation_and_a_wrong_name() -> None:
     x = torch.randn(3, 1, 28, 28) * 50
     hidden = {}
     for name, model in (("relu", relu), ("tanh", tanh)):
-        model.fc1.register_forward_hook(lambda m, i, o, name=name: hidden.__setitem__(name, model.act(o)))
+        model.fc1.register_forward_hook(lambda m, i, o, name=name, act=model.act: hidden.__setitem__(name, act(o)))
         model(x)
     assert hidden["tanh"].abs().max() < 1 < hidden["relu"].max()
     torch.testing.assert_close(hidden["tanh"], torch.tanh(relu.fc1(F.max_pool2d(torch.tanh(relu.conv2(
