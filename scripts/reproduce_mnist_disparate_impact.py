@@ -4,7 +4,9 @@ Imbalanced MNIST (class 8 cut to 500 training examples), the paper's CNN, batch 
 delta 1e-6: the non-DP twin, DP-SGD and every registered mitigation, all at the same noise multiplier and therefore
 (dplit's mitigations share the step's budget, see the README) at exactly the same epsilon. One ``dplit sweep``
 (resumable: rerun the same command to continue) and one ``dplit report``; then the table under ``--docs`` with the
-paper's numbers beside ours, labelled with the scale that ran.
+paper's numbers beside ours, labelled with the scale that ran. Each cell is copied without its checkpoints to
+``--archive`` (default ``DOCS/runs``, committed) as soon as it completes, and archived cells are restored into
+``--out`` first: a sweep spread over machines that do not keep ``runs/`` still ends with every seed's raw logs.
 
     python scripts/reproduce_mnist_disparate_impact.py --root ../shared/data/mnist --epochs 60 --seeds 0 1 2
 
@@ -24,6 +26,11 @@ import time
 from pathlib import Path
 
 import yaml
+
+from dplit.sweep.archive import archive_cells, cell_minutes, restore_cells
+from dplit.sweep.cells import expand
+from dplit.sweep.run import write_manifest
+from dplit.sweep.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ["nodp", "dpsgd", "dpsgd_f", "global_adapt", "adaptive_clipping", "automatic_clipping"]
@@ -179,27 +186,30 @@ def companions(docs: Path) -> list[str]:
 
 
 def run_minutes(out: Path, method: str) -> str:
-    """Wall minutes of the method's completed cells (range over seeds). A cell's time is the sum over its runs
-    (a stopped attempt and the run that resumed it), each from its ``hparams.yaml`` (written when the fit starts) to
-    the newest file in its folder (``summary.json`` when it completed)."""
-    minutes = []
-    for cell in sorted(out.glob(f"{method}-*/")):
-        done = [
-            s for s in cell.glob("version_*/summary.json") if json.loads(s.read_text()).get("status") == "completed"
-        ]
-        if not done:
-            continue
-        total = 0.0
-        for run in cell.glob("version_*/"):
-            start = run / "hparams.yaml"
-            files = [f.stat().st_mtime for f in run.rglob("*") if f.is_file()]
-            if start.is_file() and files:
-                total += max(files) - start.stat().st_mtime
-        minutes.append(total / 60)
+    """Wall minutes of the method's completed cells (range over seeds): ``dplit.sweep.archive.cell_minutes``, the sum
+    over a stopped run and the run that resumed it, or the figure recorded when an archived cell was trained."""
+    minutes = [m for cell in sorted(out.glob(f"{method}-*/")) if (m := cell_minutes(cell)) is not None]
     if not minutes:
         return "—"
     low, high = min(minutes), max(minutes)
     return f"{low:.0f}" if round(low) == round(high) else f"{low:.0f}-{high:.0f}"
+
+
+def sweep_archiving(cmd: list[str], out: Path, archive: Path, every: float = 60.0) -> int:
+    """Runs ``dplit sweep`` and copies each cell to ``archive`` (no checkpoints) as soon as it completes, so cells
+    finished before the machine goes away are kept."""
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            code = proc.wait(timeout=every)
+            break
+        except subprocess.TimeoutExpired:
+            archive_cells(out, archive)
+    archived = archive_cells(out, archive)
+    if archived:
+        print(f"archived {len(archived)} cell(s) to {archive}", flush=True)
+    return code
 
 
 def _cores() -> int:
@@ -222,12 +232,23 @@ def main() -> int:
     parser.add_argument("--momentum", type=float, default=0.5, help="SGD momentum (seed code: 0.5)")
     parser.add_argument("--fit-arg", action="append", default=[], help="extra `dplit fit` argument (repeatable)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at a time (`dplit sweep --jobs`)")
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        default=None,
+        help="where completed cells are kept without checkpoints (default: DOCS/runs); archived cells missing from "
+        "--out are restored there first, so a new machine skips them and the table still counts them",
+    )
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument(
         "--report-only", action="store_true", help="run no cell: write the table from the cells completed so far"
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    archive = args.archive or args.docs / "runs"
+    restored = restore_cells(archive, args.out)
+    if restored:
+        print(f"restored {len(restored)} archived cell(s) from {archive}: {', '.join(restored)}", flush=True)
     spec_path = args.out / "reproduce_spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec(args), sort_keys=False))
     dplit = [sys.executable, "-m", "dplit.cli"]
@@ -235,9 +256,12 @@ def main() -> int:
     code = 0
     if not args.report_only:
         flags = ["--dry-run"] if args.dry_run else ["--jobs", str(args.jobs)]
-        code = run([*dplit, "sweep", "--spec", str(spec_path), *flags])
+        sweep = [*dplit, "sweep", "--spec", str(spec_path), *flags]
+        code = run(sweep) if args.dry_run else sweep_archiving(sweep, args.out, archive)
     if args.dry_run:
         return code
+    if args.report_only:  # a new machine's OUT may hold only restored cells: the manifest names the whole grid
+        write_manifest(load_spec(spec_path), expand(load_spec(spec_path)))
     minutes = (time.time() - start) / 60
     if run([*dplit, "report", str(args.out)]) != 0:
         return 1
