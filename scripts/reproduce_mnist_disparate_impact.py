@@ -27,8 +27,11 @@ from pathlib import Path
 
 import yaml
 
+from dplit.sweep.aggregate import to_json
 from dplit.sweep.archive import archive_cells, cell_minutes, restore_cells
 from dplit.sweep.cells import expand
+from dplit.sweep.merge import check_confidence, merge_settings, settings_from_json
+from dplit.sweep.plots import accuracy_vs_epsilon, pareto
 from dplit.sweep.run import write_manifest
 from dplit.sweep.spec import load_spec
 
@@ -103,14 +106,15 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
         "| raw Opacus on this data (issue 11) | DP-SGD, eps 5.90 (RDP) | — | 66.0 | 96.1 |",
         "| Esipova et al. 2023 (class 8 at 9%) | DP-SGD / Global-Adapt | — | 26.3 / 65.5 | — |",
     ]
-    n = len(args.seeds)
+    seeds = sorted(set(args.seeds) | set(report.get("merged_from", {}).get("earlier_seeds", [])))
+    n = len(seeds)
     return "\n".join(
         [
             "# Mitigating disparate impact: imbalanced MNIST (Bagdasaryan & Shmatikov 2019, section 5)",
             "",
             f"Written by `scripts/reproduce_mnist_disparate_impact.py` on {time.strftime('%Y-%m-%d')}. **Scale: "
             f"{args.epochs} epoch(s) per run (the paper: 60), {n} seed(s) requested "
-            f"({', '.join(map(str, args.seeds))}; "
+            f"({', '.join(map(str, seeds))}; "
             "the `seeds run` column says how many completed), "
             f"{platform.machine()} CPU ({_cores()} cores), "
             + (
@@ -128,6 +132,7 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
             f"entry is the mean ± the {int(100 * report.get('confidence', 0.95))}% Student t half-width across seeds "
             "(none with one seed), in percent.",
             "",
+            *merge_note(report),
             "Command:",
             "",
             "```",
@@ -212,6 +217,41 @@ def sweep_archiving(cmd: list[str], out: Path, archive: Path, every: float = 60.
     return code
 
 
+def merged_report(args: argparse.Namespace, report: dict) -> dict:
+    """This sweep's report pooled with ``--merge``'s (earlier seeds), and the plots redrawn from the pooled numbers."""
+    prior = json.loads(args.merge.read_text())
+    confidence = check_confidence(prior, report)
+    settings = merge_settings(settings_from_json(prior), settings_from_json(report), confidence)
+    merged = to_json(settings, [], report.get("split", "val"), confidence)
+    merged["incomplete"] = report.get("incomplete", [])
+    merged["merged_from"] = {
+        "earlier": str(args.merge),
+        "earlier_seeds": sorted({x for s in prior["settings"] for x in s["seeds"]}),
+        "this_sweep": str(args.out),
+        "method": "per-metric summaries pooled exactly (dplit.sweep.merge.pool)",
+    }
+    split = merged["split"]
+    accuracy_vs_epsilon(settings, args.docs / "accuracy_vs_epsilon.png", split)
+    pareto(settings, args.docs / "pareto.png", split)
+    return merged
+
+
+def merge_note(report: dict) -> list[str]:
+    """The paragraph saying which seeds come from an earlier summary (empty without ``--merge``)."""
+    source = report.get("merged_from")
+    if not source:
+        return []
+    earlier = ", ".join(map(str, source["earlier_seeds"]))
+    return [
+        f"**Seeds {earlier} come from `{Path(source['earlier']).name}`**, the committed summary of an earlier run of "
+        "this script whose raw logs were on a machine that no longer exists; the other seeds' runs are archived in "
+        "`runs/` beside this file. Per metric, the two summaries (mean and t half-width over disjoint seeds) are "
+        "pooled exactly into the mean and interval over all seeds (`dplit.sweep.merge.pool`); the `min per run` "
+        "column covers only the archived runs.",
+        "",
+    ]
+
+
 def _cores() -> int:
     import os
 
@@ -238,6 +278,13 @@ def main() -> int:
         default=None,
         help="where completed cells are kept without checkpoints (default: DOCS/runs); archived cells missing from "
         "--out are restored there first, so a new machine skips them and the table still counts them",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="a sweep_report.json of earlier seeds whose runs are gone: the table pools its per-metric summaries "
+        "exactly with this sweep's (disjoint seeds; dplit.sweep.merge)",
     )
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument(
@@ -268,9 +315,12 @@ def main() -> int:
     written = args.out / "report"  # where `dplit report OUT` writes a sweep's report
     report = json.loads((written / "sweep_report.json").read_text())
     args.docs.mkdir(parents=True, exist_ok=True)
-    for png in ("pareto.png", "accuracy_vs_epsilon.png"):
-        if (written / png).exists():
-            shutil.copy(written / png, args.docs / png)
+    if args.merge is not None:
+        report = merged_report(args, report)
+    else:
+        for png in ("pareto.png", "accuracy_vs_epsilon.png"):
+            if (written / png).exists():
+                shutil.copy(written / png, args.docs / png)
     (args.docs / "sweep_report.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.docs / "README.md").write_text(table(report, args, minutes))
     print(f"wrote {args.docs / 'README.md'} (exit code of the sweep: {code})")
