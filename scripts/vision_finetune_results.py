@@ -15,7 +15,9 @@ crop in evaluation), K augmented views per image (``--views``; K > 1 averages an
 clipping, one privacy unit), non-DP and at each ``--epsilons``, with and without an EMA of the weights.
 Results go to ``OUT/results.jsonl`` (a rerun skips finished cells) and ``OUT/results.md``. Each cell saves a
 checkpoint every epoch under ``OUT/cells/<cell>/``; a cell stopped part-way continues from it when rerun (the DP
-callback resumes its accountant: every step counts).
+callback resumes its accountant: every step counts). An EMA cell is also tested with its training weights (the same
+run without the average: ``raw/test/...``), so EMA vs no EMA is compared on one trajectory; a cell finished before
+that test existed gets it from its last checkpoint on the next run.
 
     nice -n 10 python scripts/vision_finetune_results.py --layers all --views 1 --out runs/vision_finetune
     nice -n 10 python scripts/vision_finetune_results.py --layers last_block --views 1 4 --epsilons 8 --ema yes
@@ -72,11 +74,7 @@ def run_cell(layers: str, views: int, eps: float | None, ema: bool, args: argpar
     """Fine-tunes one cell and returns (test metrics, data label, training images)."""
     torch.manual_seed(args.seed)
     dm, label = datamodule(args, views)
-    num_classes = 10 if args.part == "cifar" else 2
-    net = TimmBackbone(name="tf_efficientnet_lite0", num_classes=num_classes, weights=WEIGHTS, batchnorm="frozen",
-                       trainable_layers=TRAINABLE[layers])  # fmt: skip
-    task_cls = MultiViewClassificationTask if views > 1 else ClassificationTask
-    task = task_cls(net, optimizer=partial(torch.optim.Adam, lr=args.lr[layers]))
+    task = build_task(layers, views, args)
     callbacks: list[Any] = [SubgroupMetrics(train_diagnostics=False, wandb_panels=False)]
     dp = None
     if eps is not None:
@@ -84,8 +82,9 @@ def run_cell(layers: str, views: int, eps: float | None, ema: bool, args: argpar
                                  max_physical_batch_size=max(1, args.physical_rows // views),
                                  grad_sample_mode=args.grad_sample_mode)  # fmt: skip
         callbacks.append(dp)
-    if ema:
-        callbacks.append(EMAWeights(decay=args.ema_decay))
+    averager = EMAWeights(decay=args.ema_decay) if ema else None
+    if averager is not None:
+        callbacks.append(averager)
     folder = out / "cells" / cell_key(layers, views, eps, ema, args)
     checkpoints = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=-1, every_n_epochs=1,
                                   enable_version_counter=False)  # fmt: skip
@@ -98,10 +97,49 @@ def run_cell(layers: str, views: int, eps: float | None, ema: bool, args: argpar
     trainer.fit(task, datamodule=dm, ckpt_path=resume_from)
     trainer.test(task, datamodule=dm, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    if averager is not None:  # the same run's training weights, without the average: EMA vs no EMA, one trajectory
+        averager.evaluate_with_ema = False
+        trainer.test(task, datamodule=dm, verbose=False)
+        metrics |= {f"raw/{k}": float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     epsilon = None if dp is None else float(dp.epsilon)
     n_train = len(dm.splits()["train"])
     seconds = round(time.time() - start, 1)
     return {"epsilon": epsilon, "seconds": seconds, "resumed": resume_from is not None, **metrics}, label, n_train
+
+
+def build_task(layers: str, views: int, args: argparse.Namespace) -> ClassificationTask:
+    """The pretrained EfficientNet-Lite0 (frozen BatchNorm) with ``layers`` trainable, as a (multi-view) task."""
+    num_classes = 10 if args.part == "cifar" else 2
+    net = TimmBackbone(name="tf_efficientnet_lite0", num_classes=num_classes, weights=WEIGHTS, batchnorm="frozen",
+                       trainable_layers=TRAINABLE[layers])  # fmt: skip
+    task_cls = MultiViewClassificationTask if views > 1 else ClassificationTask
+    return task_cls(net, optimizer=partial(torch.optim.Adam, lr=args.lr[layers]))
+
+
+def raw_metrics(row: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[str, float] | None:
+    """Test metrics of a finished EMA cell's training weights (``raw/test/...``), read from its last checkpoint
+    (which holds the EMA weights as the model's and the training weights in the EMA callback's state); None when the
+    checkpoint is missing."""
+    layers, views = row["layers"], row["views"]
+    ckpt = out / "cells" / cell_key(layers, views, row["target_eps"], True, args) / "last.ckpt"
+    if not (ckpt.is_file() and complete(ckpt)):
+        return None
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    training = next(v["training_weights"] for k, v in state["callbacks"].items() if k.startswith("EMAWeights"))
+    if state["epoch"] + 1 < args.epochs:
+        raise RuntimeError(f"{ckpt}: epoch {state['epoch']} is not the cell's last ({args.epochs} epochs)")
+    task = build_task(layers, views, args)
+    task.load_state_dict(state["state_dict"])
+    with torch.no_grad():
+        for name, param in task.named_parameters():
+            if param.requires_grad:
+                param.copy_(training[name])
+    dm, _ = datamodule(args, views)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False,
+                        callbacks=[SubgroupMetrics(train_diagnostics=False, wandb_panels=False)])  # fmt: skip
+    trainer.test(task, datamodule=dm, verbose=False)
+    return {f"raw/{k}": float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
 
 def cell_key(layers: str, views: int, eps: float | None, ema: bool, args: argparse.Namespace) -> str:
@@ -117,14 +155,21 @@ def cell_key(layers: str, views: int, eps: float | None, ema: bool, args: argpar
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ["data", "layers", "privacy", "K", "EMA", "test acc", "worst-group acc", "acc gap", "AUC gap (binary)",
-            "time (s)"]  # fmt: skip
+            "same run without EMA: test acc / worst-group acc", "time (s)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         privacy = "non-DP" if r["target_eps"] is None else f"eps {r['epsilon']:.2f}"
         cells = [100 * r.get(f"test/{k}", float("nan")) for k in ("acc", "worst_group_acc", "acc_gap", "auc_gap")]
         lines.append(f"| {r['data']} | {r['layers']} | {privacy} | {r['views']} | {'yes' if r['ema'] else 'no'} | "
-                     + " | ".join("n/a" if c != c else f"{c:.1f}" for c in cells) + f" | {r['seconds']} |")  # fmt: skip
+                     + " | ".join("n/a" if c != c else f"{c:.1f}" for c in cells)
+                     + f" | {_raw(r)} | {r['seconds']} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _raw(row: dict[str, Any]) -> str:
+    if "raw/test/acc" not in row:
+        return "—"
+    return f"{100 * row['raw/test/acc']:.1f} / {100 * row['raw/test/worst_group_acc']:.1f}"
 
 
 def main() -> None:
@@ -178,6 +223,15 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: row[k] for k in ("layers", "views", "target_eps", "ema", "epsilon", "test/acc",
                                                   "seconds") if k in row}), flush=True)  # fmt: skip
+        filled = False
+        for i, r in enumerate(rows):  # EMA cells run before the no-EMA test was added: from their last checkpoint
+            if r["ema"] and "raw/test/acc" not in r and r["seed"] == args.seed and r["layers"] in args.layers:
+                raw = raw_metrics(r, args, out)
+                if raw is not None:
+                    rows[i], filled = {**r, **raw}, True
+        if filled:
+            sink.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            sink.with_suffix(".tmp").replace(sink)
     (out / "results.md").write_text(table(rows) + "\n")
     print(table(rows))
 
