@@ -224,6 +224,7 @@ def main() -> None:
             print(json.dumps({k: row[k] for k in ("layers", "views", "target_eps", "ema", "epsilon", "test/acc",
                                                   "seconds") if k in row}), flush=True)  # fmt: skip
         filled = False
+        rows = [json.loads(line) for line in sink.read_text().splitlines()] if sink.exists() else rows  # + others'
         for i, r in enumerate(rows):  # EMA cells run before the no-EMA test was added: from their last checkpoint
             if r["ema"] and "raw/test/acc" not in r and r["seed"] == args.seed and r["layers"] in args.layers:
                 raw = raw_metrics(r, args, out)
