@@ -223,14 +223,16 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: row[k] for k in ("layers", "views", "target_eps", "ema", "epsilon", "test/acc",
                                                   "seconds") if k in row}), flush=True)  # fmt: skip
-        filled = False
-        rows = [json.loads(line) for line in sink.read_text().splitlines()] if sink.exists() else rows  # + others'
-        for i, r in enumerate(rows):  # EMA cells run before the no-EMA test was added: from their last checkpoint
+        key = lambda r: (r["layers"], r["views"], r["target_eps"], r["ema"], r["seed"])  # noqa: E731
+        fills = {}  # EMA cells run before the no-EMA test was added: from their last checkpoint
+        for r in rows:
             if r["ema"] and "raw/test/acc" not in r and r["seed"] == args.seed and r["layers"] in args.layers:
                 raw = raw_metrics(r, args, out)
                 if raw is not None:
-                    rows[i], filled = {**r, **raw}, True
-        if filled:
+                    fills[key(r)] = raw
+        if fills:  # re-read first: rows a concurrent invocation appended meanwhile are kept
+            rows = [json.loads(line) for line in sink.read_text().splitlines()]
+            rows = [{**r, **fills.get(key(r), {})} for r in rows]
             sink.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
             sink.with_suffix(".tmp").replace(sink)
     (out / "results.md").write_text(table(rows) + "\n")
