@@ -5,7 +5,7 @@ delta 1e-6: the non-DP twin, DP-SGD and every registered mitigation, all at the 
 (dplit's mitigations share the step's budget, see the README) at exactly the same epsilon. One ``dplit sweep``
 (resumable: rerun the same command to continue) and one ``dplit report``; then the table under ``--docs`` with the
 paper's numbers beside ours, labelled with the scale that ran. Each cell is copied without its checkpoints to
-``--archive`` (default ``DOCS/runs``, committed) as soon as it completes, and archived cells are restored into
+``--archive`` (default ``DOCS/cells``, committed) as soon as it completes, and archived cells are restored into
 ``--out`` first: a sweep spread over machines that do not keep ``runs/`` still ends with every seed's raw logs.
 
     python scripts/reproduce_mnist_disparate_impact.py --root ../shared/data/mnist --epochs 60 --seeds 0 1 2
@@ -245,7 +245,7 @@ def merge_note(report: dict) -> list[str]:
     return [
         f"**Seeds {earlier} come from `{Path(source['earlier']).name}`**, the committed summary of an earlier run of "
         "this script whose raw logs were on a machine that no longer exists; the other seeds' runs are archived in "
-        "`runs/` beside this file. Per metric, the two summaries (mean and t half-width over disjoint seeds) are "
+        "`cells/` beside this file. Per metric, the two summaries (mean and t half-width over disjoint seeds) are "
         "pooled exactly into the mean and interval over all seeds (`dplit.sweep.merge.pool`); the `min per run` "
         "column covers only the archived runs.",
         "",
@@ -276,7 +276,7 @@ def main() -> int:
         "--archive",
         type=Path,
         default=None,
-        help="where completed cells are kept without checkpoints (default: DOCS/runs); archived cells missing from "
+        help="where completed cells are kept without checkpoints (default: DOCS/cells); archived cells missing from "
         "--out are restored there first, so a new machine skips them and the table still counts them",
     )
     parser.add_argument(
@@ -292,7 +292,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    archive = args.archive or args.docs / "runs"
+    archive = args.archive or args.docs / "cells"
     restored = restore_cells(archive, args.out)
     if restored:
         print(f"restored {len(restored)} archived cell(s) from {archive}: {', '.join(restored)}", flush=True)

@@ -60,6 +60,7 @@ def test_archive_keeps_completed_cells_without_checkpoints_and_their_minutes(tmp
 
     archive = tmp_path / "archive"
     assert archive_cells(spec.out, archive) == ["nodp-seed0"]
+    assert archive_cells(spec.out, archive) == []  # already kept: not copied again
     kept = archive / "nodp-seed0"
     assert not list(kept.rglob("*.ckpt")) and not (kept / "version_0" / "checkpoints").exists()
     assert (kept / "version_0" / "metrics.csv").read_text() == (
@@ -133,7 +134,7 @@ def test_reproduction_script_restores_and_archives(tmp_path):
     """``scripts/reproduce_mnist_disparate_impact.py --report-only`` on a new OUT reads the archived cells (restored
     there) and writes the table with their recorded minutes."""
     spec1, cells1 = _sweep(tmp_path / "m1", [0], noise=True)
-    archive = tmp_path / "docs" / "runs"
+    archive = tmp_path / "docs" / "cells"
     for cell in cells1:
         _train(spec1.out / cell.name, cell, minutes=4)
     archive_cells(spec1.out, archive)

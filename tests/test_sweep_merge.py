@@ -84,7 +84,7 @@ def test_reproduction_script_merges_an_earlier_summary(tmp_path):
     for cell in cells2:
         _train(later.out / cell.name, cell, minutes=9)
     docs = tmp_path / "docs"
-    archive_cells(later.out, docs / "runs")
+    archive_cells(later.out, docs / "cells")
     cmd = [sys.executable, str(ROOT / "scripts" / "reproduce_mnist_disparate_impact.py"), "--out",
            str(tmp_path / "new"), "--docs", str(docs), "--seeds", "2", "--methods", "nodp", "dpsgd", "--report-only",
            "--merge", str(summary)]  # fmt: skip

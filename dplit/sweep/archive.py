@@ -56,6 +56,9 @@ def archive_cells(out: Path, dest: Path) -> list[str]:
         run = completed_run(cell)
         if run is None or (cell / ARCHIVE).is_file() and (dest / cell.name / ARCHIVE).is_file():
             continue  # not finished, or restored from this archive (already there)
+        kept = dest / cell.name / ARCHIVE
+        if kept.is_file() and json.loads(kept.read_text()).get("completed_version") == run.name:
+            continue  # archived before (a completed cell is never trained again)
         record: dict[str, Any] = {
             "completed_version": run.name,
             "minutes": cell_minutes(cell),
