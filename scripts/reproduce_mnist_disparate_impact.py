@@ -153,7 +153,12 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
                 [
                     "**Not run yet** (the table above covers only completed cells): "
                     + ", ".join(f"`{c['cell']}`" for c in report["incomplete"])
-                    + ". Rerun the command to continue; finished cells are skipped.",
+                    + (
+                        ". Rerun the command without `--report-only` to train them"
+                        if args.report_only
+                        else ". Rerun the command to continue"
+                    )
+                    + "; finished cells are skipped (also on a new machine: they are restored from `cells/`).",
                     "",
                 ]
                 if report.get("incomplete")
