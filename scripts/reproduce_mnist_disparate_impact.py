@@ -44,6 +44,14 @@ PAPER = {  # Bagdasaryan & Shmatikov 2019, section 5 (60 epochs, eps 5.9 with de
 RAW_OPACUS = {"nodp": {"8": 0.932, "2": 0.995}, "dpsgd": {"8": 0.660, "2": 0.961}}  # issue 11: eps 5.90 (RDP)
 
 
+def config_optimiser(args: argparse.Namespace) -> None:
+    """Fills ``--lr`` / ``--momentum`` left unset from ``--config``'s optimiser (written into every cell's flags, so the
+    sweep spec records them)."""
+    opt = yaml.safe_load(args.config.read_text())["model"]["init_args"]["optimizer"].get("init_args", {})
+    args.lr = float(opt["lr"]) if args.lr is None else args.lr
+    args.momentum = float(opt.get("momentum", 0.0)) if args.momentum is None else args.momentum
+
+
 def spec(args: argparse.Namespace) -> dict:
     fit_args = [
         f"--data.root={args.root}",
@@ -273,8 +281,8 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--out", type=Path, default=Path("runs/sweeps/mnist_disparate_impact"))
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "mitigations")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (seed code: 0.01)")
-    parser.add_argument("--momentum", type=float, default=0.5, help="SGD momentum (seed code: 0.5)")
+    parser.add_argument("--lr", type=float, default=None, help="SGD lr (default: --config's; seed code 0.01)")
+    parser.add_argument("--momentum", type=float, default=None, help="momentum (default: --config's; seed code 0.5)")
     parser.add_argument("--fit-arg", action="append", default=[], help="extra `dplit fit` argument (repeatable)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at a time (`dplit sweep --jobs`)")
     parser.add_argument(
@@ -296,6 +304,7 @@ def main() -> int:
         "--report-only", action="store_true", help="run no cell: write the table from the cells completed so far"
     )
     args = parser.parse_args()
+    config_optimiser(args)
     args.out.mkdir(parents=True, exist_ok=True)
     archive = args.archive or args.docs / "cells"
     restored = restore_cells(archive, args.out)
