@@ -130,6 +130,25 @@ def test_a_running_cell_is_not_overwritten_by_a_restore(tmp_path):
     assert (busy / RUNNING).is_file() and not (busy / ARCHIVE).exists()
 
 
+def test_minutes_of_a_resumed_cell_ignore_the_ledger_the_resumed_run_keeps_writing(tmp_path):
+    """A stopped attempt (version_0, 3 min) resumed by version_1 (50 min): the resumed run writes the cell's one privacy
+    ledger, which lives in version_0's folder, so that file's time is the end of version_1, not of version_0."""
+    spec, cells = _sweep(tmp_path / "out", [0])
+    cell = next(c for c in cells if c.name == "dpsgd-eps8-seed0")
+    folder = spec.out / cell.name
+    _train(folder, cell, minutes=3, status="failed", version=0)
+    _train(folder, cell, minutes=50, version=1)
+    later = 1_700_000_000.0 + 60 * 75  # version_1 started 25 min after version_0 stopped
+    for f in (folder / "version_1").rglob("*"):
+        if f.is_file():
+            stamp = later - 60 * 50 if f.name == "hparams.yaml" else later
+            os.utime(f, (stamp, stamp))
+    ledger = folder / "version_0" / "privacy_ledger-0123456789ab.json"
+    ledger.write_text("{}")
+    os.utime(ledger, (later, later))
+    assert cell_minutes(folder) == pytest.approx(53)
+
+
 def test_reproduction_script_restores_and_archives(tmp_path):
     """``scripts/reproduce_mnist_disparate_impact.py --report-only`` on a new OUT reads the archived cells (restored
     there) and writes the table with their recorded minutes."""

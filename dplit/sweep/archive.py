@@ -21,6 +21,7 @@ from dplit.sweep.run import RUNNING, completed_run, is_running, versions
 
 ARCHIVE = "archive.json"
 SKIPPED_SUFFIXES = (".ckpt", ".pt", ".pth")
+LEDGER_PREFIX = "privacy_ledger-"  # dplit.privacy.resume.open_ledger's file name
 
 
 def _ignore(folder: str, names: list[str]) -> set[str]:
@@ -30,7 +31,8 @@ def _ignore(folder: str, names: list[str]) -> set[str]:
 def cell_minutes(folder: Path) -> float | None:
     """Wall minutes of a completed cell: the recorded figure of an archived cell, else the sum over its runs (a
     stopped attempt and the run that resumed it), each from its ``hparams.yaml`` (written when the fit starts) to the
-    newest file in its folder. None when the cell has no completed fit."""
+    newest file in its folder other than the privacy ledger (one ledger per cell: a run that resumes a stopped attempt
+    keeps writing it in that attempt's folder). None when the cell has no completed fit."""
     record = folder / ARCHIVE
     if record.is_file():
         minutes = json.loads(record.read_text()).get("minutes")
@@ -40,7 +42,7 @@ def cell_minutes(folder: Path) -> float | None:
     total = 0.0
     for run in versions(folder):
         start = run / "hparams.yaml"
-        stamps = [f.stat().st_mtime for f in run.rglob("*") if f.is_file()]
+        stamps = [f.stat().st_mtime for f in run.rglob("*") if f.is_file() and not f.name.startswith(LEDGER_PREFIX)]
         if start.is_file() and stamps:
             total += max(stamps) - start.stat().st_mtime
     return total / 60
