@@ -32,7 +32,7 @@ from dplit.sweep.archive import archive_cells, cell_minutes, restore_cells
 from dplit.sweep.cells import expand
 from dplit.sweep.merge import check_confidence, merge_settings, settings_from_json
 from dplit.sweep.plots import accuracy_vs_epsilon, pareto
-from dplit.sweep.run import write_manifest
+from dplit.sweep.run import completed_run, write_manifest
 from dplit.sweep.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,6 +149,7 @@ def table(report: dict, args: argparse.Namespace, minutes: float) -> str:
             "",
             *lines,
             "",
+            *resumed_note(args.out),
             "For comparison (published or measured elsewhere, not by this script):",
             "",
             *paper,
@@ -201,6 +202,31 @@ def companions(docs: Path) -> list[str]:
     """Links to the other write-ups kept beside the table (those that exist)."""
     found = [f"- [{name}]({name}): {what}" for name, what in COMPANIONS.items() if (docs / name).is_file()]
     return ["See also:", "", *found, ""] if found else []
+
+
+def resumed_note(out: Path) -> list[str]:
+    """A line per completed cell whose accountant counted more steps than its model took: a stopped attempt's steps
+    after its last checkpoint (discarded work, still spent), so that cell's epsilon is above an uninterrupted one's."""
+    lines = []
+    for cell in sorted(p for p in out.iterdir() if p.is_dir()):
+        run = completed_run(cell)
+        summary = json.loads((run / "summary.json").read_text()) if run is not None else {}
+        privacy = summary.get("privacy") or {}
+        extra = (privacy.get("steps") or 0) - (summary.get("global_step") or 0)
+        if extra > 0:
+            lines.append(f"- `{cell.name}`: epsilon {privacy['epsilon']:.3f} after {privacy['steps']:,} accounted "
+                         f"steps, {extra:,} more than its model took ({summary['global_step']:,}).")  # fmt: skip
+    if not lines:
+        return []
+    return [
+        "**Stopped and resumed cells spent more.** A cell stopped part-way resumes from its last checkpoint, and its "
+        "accountant also counts the steps the stopped attempt took after that checkpoint (their noisy gradients were "
+        "computed and their metrics logged, so they are spent, although the weights were discarded). Such a cell's "
+        "epsilon is above the uninterrupted cells' and enters the table's mean:",
+        "",
+        *lines,
+        "",
+    ]
 
 
 def run_minutes(out: Path, method: str) -> str:

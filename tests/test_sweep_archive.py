@@ -156,6 +156,13 @@ def test_reproduction_script_restores_and_archives(tmp_path):
     archive = tmp_path / "docs" / "cells"
     for cell in cells1:
         _train(spec1.out / cell.name, cell, minutes=4)
+        summary_path = spec1.out / cell.name / "version_0" / "summary.json"
+        summary = json.loads(summary_path.read_text()) | {"global_step": 1000}
+        if cell.name.startswith("dpsgd"):  # resumed: its stopped attempt took 100 steps after the checkpoint
+            summary["privacy"] = {"epsilon": 6.01, "delta": 1e-6, "steps": 1100}
+        stamp = summary_path.stat().st_mtime
+        summary_path.write_text(json.dumps(summary))
+        os.utime(summary_path, (stamp, stamp))
     archive_cells(spec1.out, archive)
     out = tmp_path / "m2"
     cmd = [sys.executable, str(ROOT / "scripts" / "reproduce_mnist_disparate_impact.py"), "--out", str(out),
@@ -171,3 +178,8 @@ def test_reproduction_script_restores_and_archives(tmp_path):
     assert rows["nodp"].startswith("| nodp | 1 | — | 80.0 | "), table
     assert rows["dpsgd"].startswith("| dpsgd | 1 | "), table
     assert all(row.endswith(" | 4 |") for row in rows.values()), rows  # the archived minutes, not re-measured
+    assert (
+        "- `dpsgd-sigma0.8-seed0`: epsilon 6.010 after 1,100 accounted steps, 100 more than its model took (1,000)."
+        in table
+    )
+    assert "- `nodp-seed0`" not in table
