@@ -118,10 +118,47 @@ def test_sweep_report_aggregates_across_seeds(sweep, capsys):
         assert (report / png).stat().st_size > 5000 and (report / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_sweep_report_refuses_a_baseline(sweep, tmp_path, capsys):
+def _one_method_sweep(out: Path, method: str, level: float) -> dict[str, dict[str, float]]:
+    """A completed sweep of one method (``nodp`` or ``dpsgd`` at epsilon 8), seeds 0-2."""
+    grid = {"epsilons": [8.0]} if method != "nodp" else {}
+    spec = SweepSpec(config=ROOT / "configs" / "quickstart.yaml", out=out, algorithms=[method], seeds=[0, 1, 2], **grid)
+    accs = {}
+    for k, cell in enumerate(expand(spec)):
+        accs[cell.name] = {g: level - 0.1 * i + 0.01 * k for i, g in enumerate(GROUPS)}
+        write_version(spec.out / cell.name, 0, accs[cell.name], cell.seed or 0, cell.epsilon, "completed")
+    write_manifest(spec, expand(spec))
+    return accs
+
+
+def test_sweep_report_takes_the_reference_from_a_twin_sweep(tmp_path, capsys):
+    """A DP-only sweep and the sweep of its non-DP twins (e.g. another learning rate): `--baseline TWIN_SWEEP` makes
+    the twins' cells the reference, with the same aggregation as a sweep's own nodp cells."""
+    dp = _one_method_sweep(tmp_path / "dp", "dpsgd", 0.7)
+    twins = _one_method_sweep(tmp_path / "twins", "nodp", 0.9)
+    report = tmp_path / "report"
+    assert main(["report", str(tmp_path / "dp"), "--baseline", str(tmp_path / "twins"), "--out", str(report)]) == 0
+    data = json.loads((report / "sweep_report.json").read_text())
+    ref, dpsgd = data["settings"]
+    assert ref["reference"] and ref["seeds"] == [0, 1, 2] and ref["cells"] == sorted(twins)
+    assert dpsgd["method"] == "dpsgd" and dpsgd["cells"] == sorted(dp)
+    worst = [min(a.values()) for a in twins.values()]
+    assert ref["worst_group_acc"]["mean"] == pytest.approx(np.mean(worst))
+    md = (report / "report.md").read_text()
+    assert f"The non-DP reference is the `nodp` cells of the sweep `{tmp_path / 'twins'}` (`--baseline`)." in md
+    gap = 100 * (np.mean([min(a.values()) for a in dp.values()]) - np.mean(worst))
+    assert f"| {gap:+.2f} |" in md  # Δ worst vs the twins' reference
+
+
+def test_sweep_report_refuses_a_baseline_it_cannot_use(sweep, tmp_path, capsys):
     out, _ = sweep
     assert main(["report", str(out), "--baseline", str(tmp_path)]) == 2
-    assert "its `nodp` cells are the non-DP reference; drop --baseline" in capsys.readouterr().err
+    assert "--baseline takes one other sweep folder (holding sweep.json)" in capsys.readouterr().err
+    _one_method_sweep(tmp_path / "twins", "nodp", 0.9)
+    assert main(["report", str(out), "--baseline", str(tmp_path / "twins")]) == 2
+    assert "has `nodp` cells of its own, its non-DP reference: drop --baseline" in capsys.readouterr().err
+    _one_method_sweep(tmp_path / "dp", "dpsgd", 0.7)
+    assert main(["report", str(tmp_path / "dp"), "--baseline", str(tmp_path / "dp")]) == 2
+    assert "that sweep has no `nodp` cells" in capsys.readouterr().err
 
 
 def test_sweep_report_without_completed_cells_is_an_error(tmp_path, capsys):

@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="DP runs (RUN or RUN/version_N)")
     parser.add_argument(
-        "--baseline", nargs="+", type=Path, default=[], metavar="NONDP_RUN_DIR", help="non-DP twin run(s) (seeds)"
+        "--baseline",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="NONDP_RUN_DIR",
+        help="non-DP twin run(s) (seeds); for a sweep folder without nodp cells: the sweep of its non-DP twins",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default: report/; for a sweep folder: SWEEP/report/)"

@@ -3,7 +3,8 @@
 Writes into ``--out`` (default ``OUT/report``): ``report.md`` (per method and epsilon: n, reached epsilon, overall,
 worst-group and per-group accuracy with 95% Student t intervals across seeds; the non-DP cells as the reference;
 the cells without a completed run), ``sweep_report.json`` (the same numbers), ``accuracy_vs_epsilon.png`` and
-``pareto.png``.
+``pareto.png``. ``--baseline OTHER_SWEEP`` takes the non-DP reference from another sweep's ``nodp`` cells, for a DP
+recipe whose non-DP twin differs in more than the DP callback (e.g. its learning rate).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dplit.report.select import ReportError
 from dplit.report.stats import CONFIDENCE
 from dplit.sweep.aggregate import CellRun, Setting, aggregate, read_cells, to_json
 from dplit.sweep.run import MANIFEST, read_manifest
+from dplit.sweep.spec import NODP
 
 PROG = "dplit report"
 JSON_NAME = "sweep_report.json"
@@ -32,8 +34,34 @@ def _delta(value: float | None, ref: float | None) -> str:
     return "—" if value is None or ref is None else f"{100 * (value - ref):+.2f}"
 
 
-def render(title: str, out: Path, settings: list[Setting], cells: list[CellRun], split: str, pngs: list[Path]) -> str:
-    """``report.md``: overall/worst-group table, per-group table, plots, incomplete cells."""
+def _baseline_problem(sweep: Path, baseline: list[Path], cells: list[CellRun]) -> str | None:
+    """Why ``--baseline`` cannot give this sweep its non-DP reference (None when it can): it must be one sweep folder
+    with ``nodp`` cells, and the sweep must have none of its own."""
+    if len(baseline) != 1 or not is_sweep(baseline[0]):
+        return (
+            f"{sweep} is a sweep: --baseline takes one other sweep folder (holding sweep.json) whose `nodp` cells are "
+            f"the non-DP reference, got {' '.join(map(str, baseline))}; or drop --baseline and add nodp to the "
+            "sweep's grid.algorithm"
+        )
+    if any(c.method == NODP for c in cells):
+        return f"{sweep} has `nodp` cells of its own, its non-DP reference: drop --baseline {baseline[0]}"
+    entries = read_manifest(baseline[0]).get("cells")
+    if not isinstance(entries, list) or not any(e.get("method") == NODP for e in entries):
+        return f"--baseline {baseline[0]}: that sweep has no `nodp` cells (its grid.algorithm must list nodp)"
+    return None
+
+
+def render(
+    title: str,
+    out: Path,
+    settings: list[Setting],
+    cells: list[CellRun],
+    split: str,
+    pngs: list[Path],
+    reference: Path | None = None,
+) -> str:
+    """``report.md``: overall/worst-group table, per-group table, plots, incomplete cells. ``reference``: the sweep
+    whose ``nodp`` cells are the non-DP reference, when not ``out`` itself (``--baseline``)."""
     ref = next((s for s in settings if s.is_reference), None)
     done = sum(c.run is not None for c in cells)
     lines = [f"# {title}", ""]
@@ -45,6 +73,8 @@ def render(title: str, out: Path, settings: list[Setting], cells: list[CellRun],
     )
     if ref is None:
         lines += ["", "No completed `nodp` cell: there is no non-DP reference (add `nodp` to grid.algorithm)."]
+    elif reference is not None:
+        lines += ["", f"The non-DP reference is the `nodp` cells of the sweep `{reference}` (`--baseline`)."]
     if any(s.noise_multiplier is not None for s in settings):
         lines += [
             "",
@@ -97,13 +127,6 @@ def report_sweep(
     sweep: Path, dest: Path | None, split: str = "auto", title: str | None = None, baseline: list[Path] | None = None
 ) -> int:
     """Writes the sweep report of ``sweep`` into ``dest`` (default ``sweep/report``); returns the exit code."""
-    if baseline:
-        print(
-            f"{PROG}: error: {sweep} is a sweep: its `nodp` cells are the non-DP reference; drop --baseline (to "
-            "compare with non-DP runs, add nodp to the sweep's grid.algorithm and rerun `dplit sweep`)",
-            file=sys.stderr,
-        )
-        return 2
     manifest = read_manifest(sweep)
     entries = manifest.get("cells")
     if not isinstance(entries, list) or not entries:
@@ -113,6 +136,15 @@ def report_sweep(
         )
         return 2
     cells = read_cells(sweep, entries)
+    reference: Path | None = None
+    if baseline:
+        problem = _baseline_problem(sweep, baseline, cells)
+        if problem:
+            print(f"{PROG}: error: {problem}", file=sys.stderr)
+            return 2
+        reference = baseline[0]
+        twins = [e for e in read_manifest(reference)["cells"] if e.get("method") == NODP]
+        cells = read_cells(reference, twins) + cells
     runs = [c.run for c in cells if c.run is not None]
     for cell in cells:
         if cell.run is None:
@@ -135,7 +167,7 @@ def report_sweep(
     pngs.append(plots.pareto(settings, out / "pareto.png", split))
     data = runs[0].data_class
     title = title or f"Methods at equal epsilon: {sweep.name}" + (f" ({data.rsplit('.', 1)[-1]})" if data else "")
-    (out / "report.md").write_text(render(title, sweep, settings, cells, split, pngs))
+    (out / "report.md").write_text(render(title, sweep, settings, cells, split, pngs, reference))
     (out / JSON_NAME).write_text(json.dumps(to_json(settings, cells, split), indent=2) + "\n")
     print(
         f"wrote {out / 'report.md'}, {out / JSON_NAME} and {', '.join(p.name for p in pngs)} "
