@@ -183,3 +183,24 @@ def test_reproduction_script_restores_and_archives(tmp_path):
         in table
     )
     assert "- `nodp-seed0`" not in table
+
+
+def test_sweep_command_archives_completed_cells_and_restores_them_on_a_new_machine(tmp_path, capsys):
+    """`dplit sweep --archive DEST`: completed cells are copied to DEST when the sweep ends; a sweep into a new OUT
+    with the same DEST restores them first, so it trains nothing."""
+    spec1, cells1 = _sweep(tmp_path / "m1", [0])
+    for cell in cells1:
+        _train(spec1.out / cell.name, cell, minutes=6)
+    dest = tmp_path / "kept"
+    flags = ["sweep", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--algorithms", "dpsgd", "nodp",
+             "--epsilons", "8", "--seeds", "0", "--archive", str(dest)]  # fmt: skip
+    assert main([*flags, "--out", str(spec1.out)]) == 0
+    assert "archived 2 cell(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in dest.iterdir()) == ["dpsgd-eps8-seed0", "nodp-seed0"]
+    assert not list(dest.rglob("*.ckpt"))
+    out2 = tmp_path / "m2"
+    assert main([*flags, "--out", str(out2)]) == 0
+    said = capsys.readouterr().out
+    assert "restored 2 archived cell(s)" in said and "archived 0 cell(s)" in said
+    assert all(completed_run(out2 / c.name) is not None for c in cells1)
+    assert cell_minutes(out2 / "nodp-seed0") == pytest.approx(6)

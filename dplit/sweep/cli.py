@@ -8,6 +8,7 @@ Examples::
     dplit sweep --spec configs/sweeps/quickstart_sweep.yaml --emit slurm   # OUT/sweep.sbatch, one task per cell
     dplit sweep --spec OUT/sweep.yaml --cell 3                             # one cell (what a cluster job runs)
     dplit sweep --spec configs/sweeps/quickstart_sweep.yaml --jobs 2       # two cells at a time, threads shared
+    dplit sweep --spec configs/sweeps/quickstart_sweep.yaml --archive docs/x/cells   # keep finished cells' logs
     dplit report OUT
 
 Mistakes in the spec exit with code 2 and a message naming the field; a failed cell makes the exit code 1 once the
@@ -47,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="list the cells, their status and commands; run nothing")
     parser.add_argument("--emit", choices=["slurm", "wandb"], help="write cluster jobs instead of running the cells")
     parser.add_argument("--cell", metavar="INDEX|NAME", help="run only this cell, in this process (cluster jobs)")
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        metavar="DEST",
+        help="keep finished cells beyond this machine: restore DEST's archived cells into OUT before running, and "
+        "copy every completed cell (without checkpoints) to DEST when the sweep ends (dplit.sweep.archive)",
+    )
     parser.add_argument(
         "--jobs",
         type=int,
@@ -147,7 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.cell is None:
         from dplit.sweep.local import run_sweep
 
-        return run_sweep(spec, base, cells, jobs=args.jobs)
+        if args.archive is None:
+            return run_sweep(spec, base, cells, jobs=args.jobs)
+        from dplit.sweep.archive import archive_cells, restore_cells
+
+        restored = restore_cells(args.archive, spec.out)
+        if restored:
+            print(f"dplit sweep: restored {len(restored)} archived cell(s) from {args.archive}: {', '.join(restored)}")
+        try:
+            return run_sweep(spec, base, cells, jobs=args.jobs)
+        finally:  # also after a failed or interrupted sweep: the cells that completed are kept
+            kept = archive_cells(spec.out, args.archive)
+            print(
+                f"dplit sweep: archived {len(kept)} cell(s) to {args.archive}"
+                + (f": {', '.join(kept)}" if kept else "")
+            )
     cell = picked[0]
     done = run.completed_run(spec.out / cell.name)
     if done is not None:
