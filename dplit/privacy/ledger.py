@@ -14,6 +14,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+LEDGER_PREFIX = "privacy_ledger-"
+"""A ledger's file name: ``privacy_ledger-<first 12 characters of the run id>.json`` in the run's log folder."""
+
 
 class PrivacyLedger:
     """Atomic per-step record of one run's accountant state.
@@ -65,4 +68,4 @@ def recorded_steps(accountant_state: dict[str, Any]) -> int:
     return int(sum(entry[2] for entry in accountant_state.get("history", [])))
 
 
-__all__ = ["PrivacyLedger", "recorded_steps"]
+__all__ = ["LEDGER_PREFIX", "PrivacyLedger", "recorded_steps"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from dplit.privacy.accounting import PrivacyAccountant
 from dplit.privacy.config import PrivacyConfigError
-from dplit.privacy.ledger import PrivacyLedger, recorded_steps
+from dplit.privacy.ledger import LEDGER_PREFIX, PrivacyLedger, recorded_steps
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def open_ledger(
     if not state or not state.get("ledger_path"):
         run_id = uuid.uuid4().hex
         # one file per run: a second run in the same log dir never overwrites the first run's record
-        return PrivacyLedger(Path(log_dir) / f"privacy_ledger-{run_id[:12]}.json", run_id=run_id)
+        return PrivacyLedger(Path(log_dir) / f"{LEDGER_PREFIX}{run_id[:12]}.json", run_id=run_id)
     ledger = PrivacyLedger(state["ledger_path"], run_id=state.get("run_id"))
     recorded = ledger.read(fingerprint)
     if recorded is not None and recorded_steps(recorded) > accountant.steps:

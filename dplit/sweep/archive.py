@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dplit.privacy.ledger import LEDGER_PREFIX
 from dplit.sweep.run import RUNNING, completed_run, is_running, versions
 
 ARCHIVE = "archive.json"
 SKIPPED_SUFFIXES = (".ckpt", ".pt", ".pth")
-LEDGER_PREFIX = "privacy_ledger-"  # dplit.privacy.resume.open_ledger's file name
 
 
 def _ignore(folder: str, names: list[str]) -> set[str]:

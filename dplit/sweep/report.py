@@ -34,21 +34,22 @@ def _delta(value: float | None, ref: float | None) -> str:
     return "—" if value is None or ref is None else f"{100 * (value - ref):+.2f}"
 
 
-def _baseline_problem(sweep: Path, baseline: list[Path], cells: list[CellRun]) -> str | None:
-    """Why ``--baseline`` cannot give this sweep its non-DP reference (None when it can): it must be one sweep folder
-    with ``nodp`` cells, and the sweep must have none of its own."""
+def _twin_cells(sweep: Path, baseline: list[Path], cells: list[CellRun]) -> list[CellRun]:
+    """The ``nodp`` cells of the ``--baseline`` sweep, this sweep's non-DP reference. Raises ``ReportError`` naming the
+    fix unless ``baseline`` is one sweep folder with ``nodp`` cells and this sweep has none of its own."""
     if len(baseline) != 1 or not is_sweep(baseline[0]):
-        return (
+        raise ReportError(
             f"{sweep} is a sweep: --baseline takes one other sweep folder (holding sweep.json) whose `nodp` cells are "
             f"the non-DP reference, got {' '.join(map(str, baseline))}; or drop --baseline and add nodp to the "
             "sweep's grid.algorithm"
         )
     if any(c.method == NODP for c in cells):
-        return f"{sweep} has `nodp` cells of its own, its non-DP reference: drop --baseline {baseline[0]}"
+        raise ReportError(f"{sweep} has `nodp` cells of its own, its non-DP reference: drop --baseline {baseline[0]}")
     entries = read_manifest(baseline[0]).get("cells")
-    if not isinstance(entries, list) or not any(e.get("method") == NODP for e in entries):
-        return f"--baseline {baseline[0]}: that sweep has no `nodp` cells (its grid.algorithm must list nodp)"
-    return None
+    twins = [e for e in entries if e.get("method") == NODP] if isinstance(entries, list) else []
+    if not twins:
+        raise ReportError(f"--baseline {baseline[0]}: that sweep has no `nodp` cells (list nodp in its grid.algorithm)")
+    return read_cells(baseline[0], twins)
 
 
 def render(
@@ -138,13 +139,12 @@ def report_sweep(
     cells = read_cells(sweep, entries)
     reference: Path | None = None
     if baseline:
-        problem = _baseline_problem(sweep, baseline, cells)
-        if problem:
-            print(f"{PROG}: error: {problem}", file=sys.stderr)
+        try:
+            cells = _twin_cells(sweep, baseline, cells) + cells
+        except ReportError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 2
         reference = baseline[0]
-        twins = [e for e in read_manifest(reference)["cells"] if e.get("method") == NODP]
-        cells = read_cells(reference, twins) + cells
     runs = [c.run for c in cells if c.run is not None]
     for cell in cells:
         if cell.run is None:
